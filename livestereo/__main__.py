@@ -1,0 +1,4 @@
+import sys
+from livestereo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""Configuration of ``livestereo run`` (TOML, see configs/daemon.toml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from livestereo.compute.layouts import LayoutSpec
+
+
+class Limits(BaseModel):
+    """Bounds that protect the daemon from declared shapes meant to exhaust memory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_frame_bytes: int = Field(default=64 * 2**20, gt=0)
+    """Largest accepted frame (bytes): a 4096x4096 uint32 frame is 64 MiB."""
+
+    max_positions: int = Field(default=4096 * 4096, gt=0)
+    """Largest accepted scan (positions per scan)."""
+
+    max_image_bytes: int = Field(default=4 * 2**30, gt=0)
+    """Largest accepted set of virtual images for one scan (bytes, float64 per detector and position)."""
+
+    max_buffered_frames: int = Field(default=256, gt=0)
+    """Frames held back while the BF disc is being found from the first frames."""
+
+
+class DaemonConfig(BaseModel):
+    """Everything ``livestereo run`` needs; every field can also be set on the command line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: str = "tcp://127.0.0.1:5555"
+    """ZeroMQ endpoint of the stream (the source binds, the daemon connects)."""
+
+    pattern: Literal["pull", "sub"] = "pull"
+    """PULL: lossless with back-pressure (default). SUB: several watchers, drops possible."""
+
+    rcvhwm: int = Field(default=256, gt=0)
+    """ZeroMQ receive high-water mark (messages queued before back-pressure)."""
+
+    layout: LayoutSpec = Field(default_factory=LayoutSpec)
+    """Virtual detectors to accumulate."""
+
+    output_dir: Path = Path("results")
+    """Per-run folder of per-scan HDF5 results and run.json is created here."""
+
+    record: Path | None = None
+    """Also record the raw stream to this file (livestereo recording)."""
+
+    disc_frames: int = Field(default=32, gt=0)
+    """Frames summed to find the BF disc when the start message does not give it."""
+
+    idle_timeout_s: float = Field(default=10.0, gt=0)
+    """A run with no message for this long is closed as 'sender_lost' (scan reported incomplete)."""
+
+    snapshot_interval_s: float = Field(default=0.1, ge=0)
+    """Period of partial-image snapshots for inference and the view (s)."""
+
+    status_interval_s: float = Field(default=1.0, gt=0)
+    """Period of the status line (s)."""
+
+    max_runs: int | None = Field(default=None, ge=1)
+    """Stop after this many runs have ended (None: run until interrupted)."""
+
+    limits: Limits = Field(default_factory=Limits)
+    """Input bounds."""

@@ -1,0 +1,98 @@
+"""Sending livestereo stream v1 on a bound ZeroMQ socket (simulator, replay of files)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+import numpy as np
+import zmq
+
+from livestereo.protocol.codec import encode, encode_end, encode_frames_header, encode_start
+from livestereo.protocol.messages import EndMessage, FramesMessage, Message, StartMessage
+
+log = logging.getLogger("livestereo.sender")
+
+
+class StreamSender:
+    """A bound PUSH (lossless; blocks while no receiver takes frames) or PUB socket.
+
+    ``endpoint`` may end in ``:*`` for a random port; ``self.endpoint`` is then the bound one.
+    """
+
+    def __init__(self, endpoint: str, pattern: str = "push", *, sndhwm: int = 64, linger_s: float = 30.0,
+                 context: zmq.Context | None = None):
+        if pattern not in ("push", "pub"):
+            raise ValueError(f"pattern must be 'push' or 'pub', not {pattern!r}")
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PUSH if pattern == "push" else zmq.PUB)
+        self._sock.sndhwm = sndhwm
+        self._sock.linger = int(linger_s * 1000)
+        try:
+            self._sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(linger=0)
+            raise ValueError(f"cannot bind {endpoint!r}: {exc}") from None
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.pattern = pattern
+        self.messages_sent = 0
+        self.bytes_sent = 0
+
+    def send_parts(self, parts) -> None:
+        self._sock.send_multipart(parts, copy=False)
+        self.messages_sent += 1
+        self.bytes_sent += sum(memoryview(p).nbytes for p in parts)
+
+    def send(self, msg: Message) -> None:
+        self.send_parts(encode(msg))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def stream_scans(
+    sender: StreamSender,
+    start: StartMessage,
+    scans: Iterable[tuple[int, Iterable[tuple[int, np.ndarray]]]],
+    *,
+    rate_hz: float | None = None,
+    frames_per_message: int | None = None,
+    on_scan_sent=None,
+) -> EndMessage:
+    """Send start, then every (scan, [(first, frames), ...]), then end.
+
+    rate_hz: frames per second to pace at (None: as fast as the receiver takes them).
+    frames_per_message: re-batch the frames (1 gives one frame per message).
+    Returns the end message sent ('aborted' if interrupted).
+    """
+    sender.send_parts(encode_start(start))
+    seq = 0
+    frames_sent = 0
+    t0 = time.perf_counter()
+    reason = "complete"
+    dtype, shape = start.dtype, start.item_shape
+    try:
+        for scan, chunks in scans:
+            for first, frames in chunks:
+                step = frames_per_message or len(frames)
+                for i in range(0, len(frames), step):
+                    batch = frames[i:i + step]
+                    if rate_hz:
+                        due = t0 + frames_sent / rate_hz
+                        delay = due - time.perf_counter()
+                        if delay > 0:
+                            time.sleep(delay)
+                    header = encode_frames_header(start.run_id, seq, scan, first + i, len(batch), dtype, shape)
+                    sender.send_parts([header, memoryview(np.ascontiguousarray(batch)).cast("B")])
+                    seq += 1
+                    frames_sent += len(batch)
+            if on_scan_sent is not None:
+                on_scan_sent(scan, frames_sent)
+    except KeyboardInterrupt:
+        reason = "aborted"
+        raise
+    finally:
+        end = EndMessage(start.run_id, frames_sent, reason)
+        sender.send_parts(encode_end(end))
+    return end

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Ingest benchmark (issue: the streaming spine). Prints, in one run on this machine:
+
+(a) accumulation frames/s and GB/s for 256x256 uint16 frames with 2 and 8 virtual detectors,
+    against the read bandwidth of the same buffer (numpy uint64-view sum);
+(b) end-to-end frames/s from a simulator process over tcp loopback into the daemon, against
+    a bare pyzmq PULL loop receiving the same stream, batched and one frame per message;
+(c) peak RSS of the daemon process.
+
+Every figure is a ratio against a baseline measured in the same run. Not a test.
+
+    .venv/bin/python tools/bench_ingest.py            # ~2-3 minutes
+    .venv/bin/python tools/bench_ingest.py --quick    # ~1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- receivers
+def receive_bare(endpoint: str) -> dict:
+    """The baseline: a bare PULL loop, zero-copy, that only looks for the end message."""
+    import msgpack
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock.rcvhwm = 256
+    sock.connect(endpoint)
+    nbytes = frames_msgs = 0
+    t_first = None
+    while True:
+        parts = sock.recv_multipart(copy=False)
+        if len(parts) == 2:
+            if t_first is None:
+                t_first = time.perf_counter()
+            frames_msgs += 1
+            nbytes += parts[1].buffer.nbytes
+        elif msgpack.unpackb(parts[0].buffer).get("type") == "end":
+            t_end = time.perf_counter()
+            frames = msgpack.unpackb(parts[0].buffer)["frames_sent"]
+            break
+    return {"frames": frames, "bytes": nbytes, "seconds": t_end - t_first, "messages": frames_msgs,
+            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def receive_daemon(endpoint: str, layout: str) -> dict:
+    """The daemon as `livestereo run` builds it, timed from the first frames to the run's end."""
+    from livestereo.daemon.config import DaemonConfig
+    from livestereo.daemon.daemon import Daemon
+    from livestereo.protocol.messages import EndMessage, FramesMessage
+    from livestereo.transport.zmq_source import ZmqStreamSource
+
+    marks: dict = {}
+
+    class TimedSource(ZmqStreamSource):
+        def receive(self, timeout_s):
+            item = super().receive(timeout_s)
+            if item is not None and item.message is not None:
+                if "first" not in marks and isinstance(item.message, FramesMessage):
+                    marks["first"] = time.perf_counter()
+                elif isinstance(item.message, EndMessage):
+                    marks["end"] = time.perf_counter()
+            return item
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = DaemonConfig(endpoint=endpoint, output_dir=Path(tmp), max_runs=1, layout={"kind": layout, "k": 8},
+                           idle_timeout_s=60.0)
+        daemon = Daemon(cfg, TimedSource(endpoint, "pull", rcvhwm=cfg.rcvhwm))
+        daemon.run()
+        c = daemon.ingest.counters
+    return {"frames": c.frames, "bytes": c.bytes, "seconds": marks["end"] - marks["first"], "rejected": c.rejected_total,
+            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ---------------------------------------------------------------------------- orchestration
+def run_pair(receiver: list[str], scans: int, fpm: int, sim_config: Path) -> dict:
+    """One simulator process streaming into one receiver process; returns the receiver's figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ep_file = Path(tmp) / "endpoint"
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "livestereo", "simulate", "--config", str(sim_config), "--cycle", str(scans),
+             "--rate", "max", "--frames-per-message", str(fpm), "--endpoint", "tcp://127.0.0.1:*",
+             "--endpoint-file", str(ep_file), "--run-id", "bench"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        t0 = time.monotonic()
+        while not (ep_file.exists() and ep_file.read_text()):
+            if sim.poll() is not None or time.monotonic() - t0 > 300:
+                raise RuntimeError(f"simulator failed: {sim.stderr.read()}")
+            time.sleep(0.05)
+        endpoint = ep_file.read_text()
+        out = subprocess.run([sys.executable, __file__, "--receive", *receiver, endpoint], capture_output=True, text=True, cwd=ROOT)
+        sim.wait(60)
+        if out.returncode:
+            raise RuntimeError(f"receiver failed: {out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shorter runs")
+    ap.add_argument("--receive", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.receive:
+        kind, *rest = args.receive
+        result = receive_bare(rest[-1]) if kind == "bare" else receive_daemon(rest[-1], rest[0])
+        print(json.dumps(result))
+        return
+
+    sim_config = ROOT / "configs" / "sim_bench.toml"
+    print(f"livestereo ingest benchmark on {os.cpu_count()} CPU(s), {time.strftime('%Y-%m-%d %H:%M')}\n")
+
+    print("(a) accumulation kernels, 256x256 uint16 frames, batches of 256")
+    from livestereo.compute.accumulate_bench import bench_accumulation, format_rows
+
+    print(format_rows(bench_accumulation(4.0 if args.quick else 10.0)))
+
+    print("\n(b) end to end: simulator process -> tcp loopback -> receiver process (256x256 uint16)")
+    scans = 2 if args.quick else 6
+    rows = []
+    for fpm in (64, 1):
+        n_scans = scans if fpm > 1 else max(1, scans // 3)
+        bare = run_pair(["bare"], n_scans, fpm, sim_config)
+        for layout in ("stereo", "multiview"):
+            d = run_pair(["daemon", layout], n_scans, fpm, sim_config)
+            rows.append((fpm, layout, bare, d))
+    print(f"{'frames/msg':>10} {'layout':>10} {'bare frames/s':>14} {'GB/s':>6} {'daemon frames/s':>16} {'GB/s':>6} {'ratio':>6} {'daemon RSS MB':>14}")
+    for fpm, layout, bare, d in rows:
+        bf, df = bare["frames"] / bare["seconds"], d["frames"] / d["seconds"]
+        print(f"{fpm:>10} {layout:>10} {bf:>14.0f} {bare['bytes'] / bare['seconds'] / 1e9:>6.2f} {df:>16.0f} "
+              f"{d['bytes'] / d['seconds'] / 1e9:>6.2f} {df / bf:>6.2f} {d['maxrss_mb']:>14.0f}")
+    print("\ntarget: daemon >= 0.9x the bare PULL loop; (c) peak RSS is the daemon process's ru_maxrss "
+          f"(bare loop: {rows[0][2]['maxrss_mb']:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
