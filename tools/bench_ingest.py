@@ -35,7 +35,9 @@ def receive_bare(endpoint: str) -> dict:
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.PULL)
-    sock.rcvhwm = 256
+    from livestereo.daemon.config import DaemonConfig
+
+    sock.rcvhwm = DaemonConfig().rcvhwm  # the same queue bound as the daemon
     sock.connect(endpoint)
     nbytes = frames_msgs = 0
     t_first = None
@@ -110,6 +112,7 @@ def run_pair(receiver: list[str], scans: int, fpm: int, sim_config: Path) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter runs")
+    ap.add_argument("--skip-kernels", action="store_true", help="skip part (a)")
     ap.add_argument("--receive", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.receive:
@@ -121,13 +124,14 @@ def main() -> None:
     sim_config = ROOT / "configs" / "sim_bench.toml"
     print(f"livestereo ingest benchmark on {os.cpu_count()} CPU(s), {time.strftime('%Y-%m-%d %H:%M')}\n")
 
-    print("(a) accumulation kernels, 256x256 uint16 frames, batches of 256")
-    from livestereo.compute.accumulate_bench import bench_accumulation, format_rows
+    if not args.skip_kernels:
+        print("(a) accumulation kernels, 256x256 uint16 frames, batches of 256")
+        from livestereo.compute.accumulate_bench import bench_accumulation, format_rows
 
-    print(format_rows(bench_accumulation(4.0 if args.quick else 10.0)))
+        print(format_rows(bench_accumulation(4.0 if args.quick else 10.0)), flush=True)
 
-    print("\n(b) end to end: simulator process -> tcp loopback -> receiver process (256x256 uint16)")
-    scans = 2 if args.quick else 6
+    print("\n(b) end to end: simulator process -> tcp loopback -> receiver process (256x256 uint16)", flush=True)
+    scans = 8 if args.quick else 24
     rows = []
     for fpm in (64, 1):
         n_scans = scans if fpm > 1 else max(1, scans // 3)

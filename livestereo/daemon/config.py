@@ -39,8 +39,9 @@ class DaemonConfig(BaseModel):
     pattern: Literal["pull", "sub"] = "pull"
     """PULL: lossless with back-pressure (default). SUB: several watchers, drops possible."""
 
-    rcvhwm: int = Field(default=256, gt=0)
-    """ZeroMQ receive high-water mark (messages queued before back-pressure)."""
+    rcvhwm: int = Field(default=16, gt=0)
+    """ZeroMQ receive high-water mark: messages queued before back-pressure. Bounds memory:
+    16 messages of 64 frames of 256x256 uint16 hold 128 MiB."""
 
     layout: LayoutSpec = Field(default_factory=LayoutSpec)
     """Virtual detectors to accumulate."""
@@ -62,6 +63,12 @@ class DaemonConfig(BaseModel):
 
     status_interval_s: float = Field(default=1.0, gt=0)
     """Period of the status line (s)."""
+
+    particles: bool = True
+    """Reconstruct nanoparticles (live and per scan) in runs of a segmented detector."""
+
+    particles_config: Path | None = None
+    """Particle pipeline parameters and segment calibration (TOML, see configs/particles.toml)."""
 
     max_runs: int | None = Field(default=None, ge=1)
     """Stop after this many runs have ended (None: run until interrupted)."""

@@ -20,6 +20,7 @@ from livestereo.daemon.latest import Latest
 from livestereo.daemon.products import ScanImages
 from livestereo.daemon.results import scan_path, write_run_summary, write_scan
 from livestereo.daemon.status import StatusLine
+from livestereo.daemon.worker import LatestWorker
 from livestereo.protocol.codec import encode
 from livestereo.protocol.source import Source
 
@@ -73,11 +74,19 @@ class Daemon:
         self.cfg = cfg
         self.source = source
         self.snapshots: Latest[ScanImages] = Latest()
+        self.workers: list[LatestWorker] = []
+        scan_sinks = list(scan_sinks or [])
+        if cfg.particles:
+            from livestereo.daemon.particles import ParticleAnalysis, log_live
+
+            particles = ParticleAnalysis(cfg.output_dir, cfg.particles_config)
+            scan_sinks.append(particles.on_scan)
+            self.workers.append(LatestWorker("particles", particles.analyse, accept=particles.applies, on_result=log_live))
         self.writer = ResultsWriter(cfg.output_dir, scan_sinks)
         self.runs_ended: list[dict] = []
         self.ingest = Ingest(
             cfg.layout, cfg.limits, disc_frames=cfg.disc_frames, snapshot_interval_s=cfg.snapshot_interval_s,
-            on_scan=self._on_scan, on_snapshot=self.snapshots.put, on_run_end=self._on_run_end,
+            on_scan=self._on_scan, on_snapshot=self._on_snapshot, on_run_end=self._on_run_end,
         )
         self.status = status or StatusLine(cfg.status_interval_s)
         self.stop_event = threading.Event()
@@ -87,8 +96,13 @@ class Daemon:
 
             self.recorder = RecordingWriter(cfg.record)
 
+    def _on_snapshot(self, snap: ScanImages) -> None:
+        self.snapshots.put(snap)
+        for w in self.workers:
+            w.slot.put(snap)
+
     def _on_scan(self, result: ScanImages) -> None:
-        self.snapshots.put(result)
+        self._on_snapshot(result)
         self.writer.queue.put(("scan", result))
 
     def _on_run_end(self, summary: dict) -> None:
@@ -109,6 +123,8 @@ class Daemon:
         """The ingest loop. Returns 0, or 1 if results could not be written."""
         cfg = self.cfg
         self.writer.start()
+        for w in self.workers:
+            w.start()
         log.info("listening on %s; results in %s/", self.source.name, cfg.output_dir)
         poll_s = min(0.1, cfg.status_interval_s)
         ingest, recorder, source = self.ingest, self.recorder, self.source
@@ -139,6 +155,8 @@ class Daemon:
             self.status.update(ingest.counters, desc, total, force=True)
             self.status.close()
             self.snapshots.close()
+            for w in self.workers:
+                w.stop()
             self.writer.stop()
             source.close()
             if recorder is not None:

@@ -172,6 +172,12 @@ class Ingest:
             raise ProtocolError("too_large", f"scan_shape {start.scan_shape} has {start.n_positions} positions > max_positions={lim.max_positions}")
         run = _Run(start, time.time())
         cal = start.calibration
+        if start.metadata.get("scan_shape_guessed"):
+            log.warning("run %s: the source did not give the scan shape; it was guessed as %s (set it with --scan-shape)",
+                        start.run_id, start.scan_shape)
+        if start.metadata.get("calibration_placeholder"):
+            log.warning("run %s: the source carries no calibration; a placeholder calibration is used, so angles and "
+                        "depths are not physical (give --calibration)", start.run_id)
         if start.detector == "segmented" or (cal.disc_center_px is not None and (cal.disc_radius_px is not None or cal.mrad_per_px is not None)):
             self._make_layout(run, cal.disc_center_px, cal.disc_radius_px)  # raises ProtocolError
         self.run = run
@@ -205,6 +211,7 @@ class Ingest:
             if run.calibration.mrad_per_px is None and radius:
                 upd["mrad_per_px"] = run.calibration.convergence_semiangle_mrad / radius
             run.calibration = run.calibration.model_copy(update=upd)
+        _warm_up(run.weights, run.start)
         log.info("run %s layout:\n%s", run.start.run_id, layout.describe())
 
     def _frames(self, msg: FramesMessage) -> None:
@@ -383,6 +390,15 @@ class Ingest:
             self.run.rejected[reason] += 1
         if n <= _LOG_FIRST or n % 1000 == 0:
             log.warning("rejected message (%s, #%d): %s%s", reason, n, detail, "; further ones counted quietly" if n == _LOG_FIRST else "")
+
+
+def _warm_up(weights: np.ndarray, start: StartMessage) -> None:
+    """Load (or compile) the kernels for this run's dtype now, at the start message, rather
+    than on the first frames (numba's cached load takes ~0.5-1 s on first use)."""
+    frames = np.zeros((64, *start.item_shape), dtype=start.dtype)
+    acc = Accumulator(weights, len(frames))
+    acc.add(frames[:1], 0)
+    acc.add(frames, 0)
 
 
 def _index_ranges(flat: np.ndarray, nx: int, most: int = 4) -> str:

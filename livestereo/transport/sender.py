@@ -25,7 +25,10 @@ class StreamSender:
                  context: zmq.Context | None = None):
         if pattern not in ("push", "pub"):
             raise ValueError(f"pattern must be 'push' or 'pub', not {pattern!r}")
-        self._ctx = context or zmq.Context.instance()
+        # Our own context, terminated on close: that waits (up to the linger) until libzmq has
+        # sent every zero-copy frame, so no buffer is freed while its IO thread still reads it.
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context()
         self._sock = self._ctx.socket(zmq.PUSH if pattern == "push" else zmq.PUB)
         self._sock.sndhwm = sndhwm
         self._sock.linger = int(linger_s * 1000)
@@ -33,6 +36,8 @@ class StreamSender:
             self._sock.bind(endpoint)
         except zmq.ZMQError as exc:
             self._sock.close(linger=0)
+            if self._own_ctx:
+                self._ctx.term()
             raise ValueError(f"cannot bind {endpoint!r}: {exc}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pattern = pattern
@@ -48,7 +53,10 @@ class StreamSender:
         self.send_parts(encode(msg))
 
     def close(self) -> None:
+        """Close the socket; blocks until queued messages are sent or the linger expires."""
         self._sock.close()
+        if self._own_ctx:
+            self._ctx.term()
 
 
 def stream_scans(

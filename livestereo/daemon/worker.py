@@ -1,0 +1,66 @@
+"""A latest-wins worker: analyses the newest snapshot, skipping stale ones; ingest never waits."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from livestereo.daemon.latest import Latest
+from livestereo.daemon.products import ScanImages
+
+log = logging.getLogger("livestereo.worker")
+
+
+class LatestWorker(threading.Thread):
+    """Runs ``analyse(snapshot)`` on the newest item of its own ``slot``.
+
+    ``latest`` holds (snapshot, result, latency_s) of the last analysis; ``done`` counts
+    analyses, ``skipped`` the snapshots replaced before they could be analysed, ``errors``
+    the analyses that raised (logged, never fatal).
+    """
+
+    def __init__(self, name: str, analyse: Callable[[ScanImages], Any], *, accept: Callable[[ScanImages], bool] | None = None,
+                 on_result: Callable[[ScanImages, Any, float], None] | None = None):
+        super().__init__(name=f"livestereo-{name}", daemon=True)
+        self.slot: Latest[ScanImages] = Latest()
+        self.analyse = analyse
+        self.accept = accept or (lambda s: True)
+        self.on_result = on_result
+        self.latest: tuple[ScanImages, Any, float] | None = None
+        self.done = 0
+        self.errors = 0
+        self._halt = threading.Event()
+
+    @property
+    def skipped(self) -> int:
+        return self.slot.replaced
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            snap = self.slot.get(timeout=0.2)
+            if snap is None:
+                if self.slot.closed:
+                    return
+                continue
+            if not self.accept(snap):
+                continue
+            t0 = time.perf_counter()
+            try:
+                result = self.analyse(snap)
+            except Exception as exc:  # bad data must not kill the worker or the daemon
+                self.errors += 1
+                if self.errors <= 5:
+                    log.warning("%s: analysis of run %s scan %d failed: %s", self.name, snap.run_id, snap.scan, exc)
+                continue
+            latency = time.perf_counter() - t0
+            self.latest = (snap, result, latency)
+            self.done += 1
+            if self.on_result is not None:
+                self.on_result(snap, result, latency)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.slot.close()
+        self.join(5)

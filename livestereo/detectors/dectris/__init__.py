@@ -1,0 +1,1 @@
+"""DECTRIS SIMPLON stream: CBOR/JSON decoding (cbor), zmq source (source), simulator (sim)."""

@@ -1,0 +1,1 @@
+"""Quantum Detectors Merlin: .mib/MPX decoding (mib), TCP source (source), simulator (sim)."""
