@@ -29,6 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------- receivers
+def peak_rss_mb() -> float:
+    """VmHWM of this process (MB). ru_maxrss would carry the parent's peak across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def receive_bare(endpoint: str) -> dict:
     """The baseline: a bare PULL loop, zero-copy, that only looks for the end message."""
     import msgpack
@@ -53,7 +61,7 @@ def receive_bare(endpoint: str) -> dict:
             frames = msgpack.unpackb(parts[0].buffer)["frames_sent"]
             break
     return {"frames": frames, "bytes": nbytes, "seconds": t_end - t_first, "messages": frames_msgs,
-            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "maxrss_mb": peak_rss_mb()}
 
 
 def receive_daemon(endpoint: str, layout: str) -> dict:
@@ -82,7 +90,7 @@ def receive_daemon(endpoint: str, layout: str) -> dict:
         daemon.run()
         c = daemon.ingest.counters
     return {"frames": c.frames, "bytes": c.bytes, "seconds": marks["end"] - marks["first"], "rejected": c.rejected_total,
-            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "maxrss_mb": peak_rss_mb()}
 
 
 # ---------------------------------------------------------------------------- orchestration

@@ -1,0 +1,75 @@
+"""The command line: every subcommand explains itself; the status line and progress bar."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from livestereo.cli import build_parser, main
+from livestereo.daemon.ingest import Counters
+from livestereo.daemon.status import StatusLine
+
+SUBCOMMANDS = ["simulate", "run", "record", "replay", "export", "layout", "demo", "reconstruct", "calibrate"]
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_has_help_with_examples(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([name, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"livestereo {name}" in out and len(out) > 300
+
+
+def test_top_level_help_lists_the_subcommands():
+    out = subprocess.run([sys.executable, "-m", "livestereo", "--help"], capture_output=True, text=True, timeout=60).stdout
+    for name in ("simulate", "run", "record", "replay", "export", "layout"):
+        assert name in out
+
+
+def test_bad_config_is_reported_with_the_key(tmp_path, capsys):
+    cfg = tmp_path / "daemon.toml"
+    cfg.write_text("[layout]\nk = 'four'\n")
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "layout.k" in err and "integer" in err
+
+
+def test_layout_command_prints_the_proposal(capsys):
+    assert main(["layout", "--alpha-mrad", "30", "--thickness-nm", "200", "--scan-step-nm", "1", "--dose", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "stereo angle" in out and "depth precision" in out and "blur at the foil surfaces" in out
+
+
+def test_status_line_reports_rates_and_counts(caplog):
+    c = Counters(frames=0)
+    s = StatusLine(0.0, progress=False)
+    with caplog.at_level(logging.INFO, "livestereo.status"):
+        s.update(c, "run r scan 1/3", 300, force=True)
+        c.frames, c.bytes, c.gaps, c.scans_done = 100, 100 * 131072, 2, 1
+        c.rejected["bad_payload"] += 3
+        s.update(c, "run r scan 2/3", 300, force=True)
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("run r scan 2/3 | ") and "frames/s" in line and "GB/s" in line
+    assert "rejected 3" in line and "gaps 2" in line and "scans done 1" in line and "frames 100" in line
+
+
+def test_progress_bar_in_a_terminal():
+    buf = io.StringIO()
+    s = StatusLine(0.0, progress=True, stream=buf)
+    c = Counters(frames=150, bytes=150 * 1000)
+    s.update(c, "run r scan 1/2", 300, force=True)
+    s.close()
+    text = buf.getvalue()
+    assert "150/300" in text and "scans done 0" in text
+
+
+def test_parser_builds_without_heavy_imports():
+    code = "import sys, livestereo.cli as c; c.build_parser(); print('torch' in sys.modules, 'vispy' in sys.modules, 'zmq' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split()
+    assert out == ["False", "False", "False"], out
+    assert build_parser() is not None
