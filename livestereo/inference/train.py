@@ -1,0 +1,293 @@
+"""Training the detection UNet and the stereo network on synthetic data (livestereo.synth).
+
+Both trainers are seeded (the batch of step i is drawn from numpy's Generator seeded with
+(seed, i), so a resumed run sees the same data as an uninterrupted one), checkpoint every
+``checkpoint_every`` steps (model, optimiser, scheduler, step), resume with ``resume=True``,
+show a tqdm progress bar, use CUDA when present and write the final weights (small, shipped
+in the package) with :func:`livestereo.inference.weights.save_weights`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from livestereo.inference.stereo_net import StereoNet
+from livestereo.inference.unet import UNet
+from livestereo.inference.weights import DEFAULT_DETECTOR, build_model, save_weights
+from livestereo.synth import SynthParams, make_pair
+
+log = logging.getLogger(__name__)
+_SYNTH_FIELDS = set(SynthParams.__dataclass_fields__)
+
+
+def _check_synth(v: dict[str, Any]) -> dict[str, Any]:
+    bad = sorted(set(v) - _SYNTH_FIELDS)
+    if bad:
+        raise ValueError(f"unknown synth setting(s) {bad}; known: {sorted(_SYNTH_FIELDS)}")
+    return v
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(0, description="seed of the data stream and of the initial weights")
+    steps: int = Field(3000, ge=1, description="optimiser steps")
+    batch_pairs: int = Field(4, ge=1, description="synthetic pairs per step")
+    size: int = Field(128, ge=16, description="height and width of the synthetic training images (px)")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW, warm-up then cosine decay)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    threads: int = Field(1, ge=0, description="torch CPU threads (0: leave torch's default)")
+    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
+    checkpoint: str = Field("out/checkpoints/train.ckpt", description="checkpoint file (resume reads it)")
+    out: str = Field("livestereo/weights/model.pt", description="final weights file")
+    synth: dict[str, Any] = Field(default_factory=dict, description="SynthParams overrides (ranges as [lo, hi])")
+    init_weights: str | None = Field(None, description="start from these weights (a fine-tuning phase); the "
+                                     "architecture keys must match")
+
+    @field_validator("synth")
+    @classmethod
+    def _synth_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_synth(v)
+
+    def synth_params(self) -> SynthParams:
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in self.synth.items()}
+        return SynthParams(height=self.size, width=self.size, **kw)
+
+
+class DetectorTrainConfig(_Common):
+    """configs/train_detector.toml"""
+
+    checkpoint: str = "out/checkpoints/detector.ckpt"
+    out: str = "livestereo/weights/detector.pt"
+    base_channels: int = Field(12, ge=4, description="UNet channels at full resolution")
+    levels: int = Field(4, ge=2, le=6, description="UNet levels")
+    pos_weight: float = Field(3.0, gt=0, description="BCE weight of line pixels")
+    dice_weight: float = Field(1.0, ge=0, description="weight of the soft-Dice term")
+    dilate: int = Field(1, ge=0, le=3, description="target = centre line dilated by this many px")
+
+
+class StereoTrainConfig(_Common):
+    """configs/train_stereo.toml"""
+
+    checkpoint: str = "out/checkpoints/stereo.ckpt"
+    out: str = "livestereo/weights/stereo.pt"
+    feat: int = Field(16, ge=4, description="feature channels at full resolution")
+    max_disp_q: int = Field(6, ge=1, description="cost volume half range in quarter-resolution px")
+    groups: int = Field(8, ge=1, description="group-wise correlation groups")
+    vol_ch: int = Field(8, ge=1, description="3D conv channels")
+    refine_ch: int = Field(16, ge=4, description="refinement channels")
+    radius: int = Field(2, ge=1, description="local correlation radius of the refinement (px)")
+    refine_iters: int = Field(2, ge=1, description="refinement iterations (shared weights)")
+    detector: str | None = Field(
+        "livestereo/weights/detector.pt",
+        description="detector weights whose probability maps feed the stereo net (relative paths are tried "
+        "from the working directory, then from the package's parent; None: a zero channel)")
+    use_detector: bool = Field(True, description="feed the detector's probability maps as a second channel "
+                               "(False: a zero channel, independent of the detector)")
+    coarse_weight: float = Field(0.5, ge=0, description="loss weight of the coarse (cost volume) disparity")
+    sigma_weight: float = Field(0.1, ge=0, description="weight of the Laplace NLL that trains log sigma")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    out = mask.copy()
+    for _ in range(r):
+        m = out.copy()
+        m[..., 1:, :] |= out[..., :-1, :]
+        m[..., :-1, :] |= out[..., 1:, :]
+        m[..., :, 1:] |= out[..., :, :-1]
+        m[..., :, :-1] |= out[..., :, 1:]
+        out = m
+    return out
+
+
+def detector_batch(step_seed: tuple[int, int], cfg: DetectorTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (2n, 1, S, S), targets (2n, 1, S, S)) for one step; both views of n pairs."""
+    rng = np.random.default_rng(step_seed)
+    sp = cfg.synth_params()
+    pairs = [make_pair(rng, sp) for _ in range(cfg.batch_pairs)]
+    x = np.concatenate([q["views"] for q in pairs])[:, None]
+    y = _dilate(np.concatenate([q["masks"] for q in pairs]), cfg.dilate)[:, None]
+    return torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
+
+
+def detector_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 3.0, dice_weight: float = 1.0) -> torch.Tensor:
+    """BCE (line pixels weighted by pos_weight) + soft Dice over the batch."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(pos_weight, device=logits.device))
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum()
+    dice = 1.0 - (2 * inter + 1.0) / (p.sum() + target.sum() + 1.0)
+    return bce + dice_weight * dice
+
+
+def stereo_batch(step_seed: tuple[int, int], cfg: StereoTrainConfig, detector: torch.nn.Module | None,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(view A (n, 2, S, S), view B (n, 2, S, S), disparity target (n, 1, S, S), NaN off-line)."""
+    rng = np.random.default_rng(step_seed)
+    sp = cfg.synth_params()
+    pairs = [make_pair(rng, sp) for _ in range(cfg.batch_pairs)]
+    v = torch.from_numpy(np.stack([q["views"] for q in pairs])).to(device)  # (n, 2, S, S)
+    d = torch.from_numpy(np.stack([q["disparity"] for q in pairs]))[:, None].to(device)
+    n, _, S, _ = v.shape
+    if detector is not None:
+        with torch.no_grad():
+            prob = torch.sigmoid(detector(v.reshape(2 * n, 1, S, S))).reshape(n, 2, S, S)
+    else:
+        prob = torch.zeros_like(v)
+    a = torch.stack([v[:, 0], prob[:, 0]], dim=1)
+    b = torch.stack([v[:, 1], prob[:, 1]], dim=1)
+    return a, b, d
+
+
+def stereo_loss(out: dict[str, Any], target: torch.Tensor, coarse_weight: float = 0.5, sigma_weight: float = 0.1) -> torch.Tensor:
+    """Smooth-L1 on the line pixels (finite target) for every refinement stage and the coarse
+    estimate, plus a Laplace NLL that trains log sigma on the final error."""
+    m = torch.isfinite(target)
+    if not bool(m.any()):
+        return out["disp"].sum() * 0.0
+    t = target[m]
+    loss = coarse_weight * F.smooth_l1_loss(out["coarse"][m], t)
+    stages = out["stages"]
+    for i, d in enumerate(stages):
+        loss = loss + (0.5 if i < len(stages) - 1 else 1.0) * F.smooth_l1_loss(d[m], t)
+    ls = out["log_sigma"][m].clamp(-5, 5)
+    err = (out["disp"][m] - t).abs().detach()
+    loss = loss + sigma_weight * (err * torch.exp(-ls) + ls).mean()
+    return loss
+
+
+def _lr_lambda(cfg: _Common):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        q = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(q, 1.0)))
+    return f
+
+
+def _run(kind: str, cfg: _Common, model: torch.nn.Module, arch: dict, batch_fn, loss_fn, resume: bool,
+         progress: bool, stop_at: int | None = None) -> dict[str, Any]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = _device()
+    if cfg.init_weights and not (resume and Path(cfg.checkpoint).is_file()):
+        init, _ = build_model(cfg.init_weights, kind)
+        model.load_state_dict(init.state_dict())
+        log.info("%s: initialised from %s", kind, cfg.init_weights)
+    model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    ckpt = Path(cfg.checkpoint)
+    start = 0
+    history: list[float] = []
+    if resume and ckpt.is_file():
+        st = torch.load(ckpt, map_location=dev, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        start = int(st["step"])
+        history = list(st.get("history", []))
+        log.info("%s: resumed from %s at step %d", kind, ckpt, start)
+    elif resume:
+        log.warning("%s: no checkpoint at %s, starting from scratch", kind, ckpt)
+
+    def save_ckpt(step: int) -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "step": step, "history": history, "config": cfg.model_dump()}, tmp)
+        tmp.replace(ckpt)
+
+    model.train()
+    t0 = time.perf_counter()
+    ema = None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {kind}", disable=not progress,
+               dynamic_ncols=True)
+    for step in bar:
+        loss = loss_fn(model, batch_fn((cfg.seed, step)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        v = float(loss.detach())
+        history.append(v)
+        ema = v if ema is None else 0.98 * ema + 0.02 * v
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_ckpt(step + 1)
+        if stop_at is not None and step + 1 >= stop_at:  # simulated interruption (tests)
+            bar.close()
+            return {"history": history, "final_loss": float("nan"), "wall_s": time.perf_counter() - t0,
+                    "out": None, "model": model}
+    wall = time.perf_counter() - t0
+    final = float(np.mean(history[-50:])) if history else float("nan")
+    meta = {"steps": cfg.steps, "seed": cfg.seed, "final_loss": final, "wall_s_last_run": wall, "device": str(dev),
+            "config": cfg.model_dump_json()}
+    if cfg.out:
+        save_weights(cfg.out, kind, arch, model.cpu(), meta)
+    return {"history": history, "final_loss": final, "wall_s": wall, "out": cfg.out, "model": model}
+
+
+def train_detector(cfg: DetectorTrainConfig, resume: bool = False, progress: bool = True,
+                   stop_at: int | None = None) -> dict[str, Any]:
+    """Train the line-detection UNet; returns {history, final_loss, wall_s, out, model}.
+
+    ``stop_at`` stops after that step without writing weights (as if interrupted).
+    """
+    torch.manual_seed(cfg.seed)
+    arch = {"in_ch": 1, "base": cfg.base_channels, "levels": cfg.levels}
+    model = UNet(**arch)
+    dev = _device()
+
+    def batch_fn(seed):
+        x, y = detector_batch(seed, cfg)
+        return x.to(dev), y.to(dev)
+
+    def loss_fn(m, b):
+        return detector_loss(m(b[0]), b[1], cfg.pos_weight, cfg.dice_weight)
+
+    return _run("detector", cfg, model, arch, batch_fn, loss_fn, resume, progress, stop_at)
+
+
+def train_stereo(cfg: StereoTrainConfig, resume: bool = False, progress: bool = True,
+                 stop_at: int | None = None) -> dict[str, Any]:
+    """Train the stereo network (detector maps as extra channels if cfg.detector is set)."""
+    torch.manual_seed(cfg.seed)
+    arch = {"in_ch": 2, "feat": cfg.feat, "max_disp_q": cfg.max_disp_q, "groups": cfg.groups, "vol_ch": cfg.vol_ch,
+            "refine_ch": cfg.refine_ch, "radius": cfg.radius, "refine_iters": cfg.refine_iters,
+            "use_prob": bool(cfg.use_detector and cfg.detector)}
+    model = StereoNet(**arch)
+    dev = _device()
+    detector = None
+    if cfg.use_detector and cfg.detector:
+        path = Path(cfg.detector)
+        if not path.is_absolute() and not path.exists():
+            alt = DEFAULT_DETECTOR.parents[2] / path
+            path = alt if alt.exists() else path
+        detector, _ = build_model(path, "detector", dev)
+        for p in detector.parameters():
+            p.requires_grad_(False)
+
+    def batch_fn(seed):
+        return stereo_batch(seed, cfg, detector, dev)
+
+    def loss_fn(m, b):
+        a, bb, d = b
+        return stereo_loss(m(a, bb), d, cfg.coarse_weight, cfg.sigma_weight)
+
+    return _run("stereo", cfg, model, arch, batch_fn, loss_fn, resume, progress, stop_at)

@@ -1,0 +1,215 @@
+"""Networks, weights, pipeline and a tiny training step (livestereo.inference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from livestereo.inference.pipeline import DislocationPipeline
+from livestereo.inference.stereo_net import StereoNet
+from livestereo.inference.train import (
+    DetectorTrainConfig,
+    StereoTrainConfig,
+    detector_batch,
+    detector_loss,
+    stereo_batch,
+    stereo_loss,
+    train_detector,
+)
+from livestereo.inference.unet import UNet
+from livestereo.inference.weights import (
+    DEFAULT_DETECTOR,
+    DEFAULT_STEREO,
+    WeightsError,
+    WeightsNotFoundError,
+    build_model,
+    save_weights,
+)
+from livestereo.synth import SynthParams, make_views
+
+TINY_DET = {"in_ch": 1, "base": 4, "levels": 3}
+TINY_ST = {"in_ch": 2, "feat": 8, "max_disp_q": 2, "groups": 4, "vol_ch": 4, "refine_ch": 8, "refine_iters": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    d = tmp_path_factory.mktemp("w")
+    torch.manual_seed(0)
+    det = save_weights(d / "det.pt", "detector", TINY_DET, UNet(**TINY_DET))
+    st = save_weights(d / "st.pt", "stereo", TINY_ST, StereoNet(**TINY_ST))
+    return det, st
+
+
+def _pair(h=48, w=64, seed=0, K=2):
+    return make_views(np.random.default_rng(seed), K, SynthParams(height=h, width=w))
+
+
+# ----------------------------------------------------------------------------- weights
+@pytest.mark.parametrize("path,kind", [(DEFAULT_DETECTOR, "detector"), (DEFAULT_STEREO, "stereo")])
+def test_shipped_weights_load_weights_only(path, kind):
+    assert path.is_file(), f"shipped weights missing: {path}"
+    assert path.stat().st_size < 5 * 2**20
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    assert blob["kind"] == kind and isinstance(blob["arch"], dict)
+    model, _ = build_model(path, kind)
+    assert not model.training
+
+
+def test_shipped_pipeline_shapes():
+    pl = DislocationPipeline.load(device="cpu")
+    q = _pair(64, 80, seed=1, K=3)
+    r = pl.process(q["raw"], np.ones((64, 80), bool), q["thetas_mrad"], q["scan_step_nm"], q["thickness_nm"])
+    assert r["prob"].shape == (3, 64, 80) and r["prob"].dtype == np.float32
+    assert r["disparity"].shape == (64, 80) and r["sigma_disparity"].shape == (64, 80)
+    assert np.all((r["prob"] >= 0) & (r["prob"] <= 1))
+
+
+def test_missing_weights_name_the_file(tmp_path):
+    missing = tmp_path / "nope" / "detector.pt"
+    with pytest.raises(WeightsNotFoundError, match=str(missing)):
+        build_model(missing, "detector")
+    with pytest.raises(WeightsError, match="nope"):
+        DislocationPipeline.load(detector_weights=missing)
+
+
+def test_corrupt_weights_name_the_file(tmp_path, tiny_weights):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"\x00not a torch file" * 10)
+    with pytest.raises(WeightsError, match="corrupt.pt"):
+        build_model(bad, "detector")
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(tiny_weights[0].read_bytes()[:300])
+    with pytest.raises(WeightsError, match="cut.pt"):
+        build_model(cut, "detector")
+    with pytest.raises(WeightsError, match="st.pt"):  # stereo weights where detector ones belong
+        build_model(tiny_weights[1], "detector")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": "livestereo-weights-1", "kind": "detector", "state_dict": {}, "x": object()}, pickled)
+    with pytest.raises(WeightsError, match="pickled.pt"):  # weights_only refuses arbitrary objects
+        build_model(pickled, "detector")
+
+
+# ----------------------------------------------------------------------------- pipeline
+def test_pipeline_bad_inputs(tiny_weights):
+    pl = DislocationPipeline.load(*tiny_weights, device="cpu")
+    q = _pair()
+    v, th, p, t = q["raw"], q["thetas_mrad"], q["scan_step_nm"], q["thickness_nm"]
+    with pytest.raises(ValueError, match="valid mask"):
+        pl.process(v, np.ones((48, 65), bool), th, p, t)
+    with pytest.raises(ValueError, match="views"):
+        pl.process([v[0], v[1][:, :-1]], None, th, p, t)
+    with pytest.raises(ValueError, match="centroids"):
+        pl.process(v, None, th[:1], p, t)
+    bad = v.copy()
+    bad[1, 5, 7] = np.nan
+    with pytest.raises(ValueError, match="NaN/inf"):
+        pl.process(bad, None, th, p, t)
+    bad[1, 5, 7] = np.inf
+    with pytest.raises(ValueError, match="view 1"):
+        pl.process(bad, None, th, p, t)
+    # NaN in an unscanned (invalid) pixel is fine
+    valid = np.ones((48, 64), bool)
+    valid[5, 7] = False
+    bad[1, 5, 7] = np.nan
+    pl.process(bad, valid, th, p, t)
+
+
+def test_pipeline_partial_scan_and_any_baseline(tiny_weights):
+    pl = DislocationPipeline.load(*tiny_weights, device="cpu")
+    q = _pair(64, 64, seed=2)
+    valid = np.zeros((64, 64), bool)
+    valid[:40] = True
+    valid[40, :20] = True
+    for th in (q["thetas_mrad"], np.array([[0.0, -30.0], [0.0, 30.0]]), np.array([[30.0, 0.0], [-30.0, 0.0]])):
+        r = pl.process(q["raw"], valid, th, q["scan_step_nm"], q["thickness_nm"])
+        assert r["rows"] == (0, 41)
+        assert np.all(r["prob"][:, ~valid] == 0)
+        assert np.all(np.isnan(r["disparity"][~valid]))
+        assert np.isfinite(r["disparity"][valid]).mean() > 0.5
+    # nothing scanned yet
+    r = pl.process(q["raw"], np.zeros((64, 64), bool), q["thetas_mrad"], 1.0, 100.0)
+    assert np.all(np.isnan(r["disparity"])) and np.all(r["prob"] == 0)
+    # a thick foil at a fine step: the pair is binned so |d| stays within the trained range
+    r = pl.process(q["raw"], None, np.array([[-60.0, 0], [60.0, 0]]), 0.5, 400.0)
+    assert r["binning"] == 5 and np.isfinite(r["disparity"]).all()
+
+
+# ----------------------------------------------------------------------------- training
+def test_detector_steps_lower_the_loss():
+    torch.manual_seed(0)
+    cfg = DetectorTrainConfig(size=32, batch_pairs=2, base_channels=4, levels=3, seed=5)
+    x, y = detector_batch((5, 0), cfg)
+    model = UNet(1, 4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = detector_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_stereo_steps_lower_the_loss():
+    torch.manual_seed(0)
+    cfg = StereoTrainConfig(size=32, batch_pairs=2, detector=None, synth={"max_disparity_px": 6.0, "n_objects": [8, 12]})
+    a, b, d = stereo_batch((7, 0), cfg, None, torch.device("cpu"))
+    assert torch.isfinite(d).any()
+    model = StereoNet(**TINY_ST)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(5):
+        loss = stereo_loss(model(a, b), d)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_train_detector_is_seeded_and_resumable(tmp_path):
+    common = dict(size=32, batch_pairs=1, base_channels=4, levels=2, threads=0, warmup_steps=1, checkpoint_every=2)
+    full = DetectorTrainConfig(steps=4, checkpoint=str(tmp_path / "a.ckpt"), out=str(tmp_path / "a.pt"), **common)
+    r_full = train_detector(full, progress=False)
+    part = DetectorTrainConfig(steps=4, checkpoint=str(tmp_path / "b.ckpt"), out=str(tmp_path / "b.pt"), **common)
+    train_detector(part, progress=False, stop_at=2)  # interrupted after the checkpoint at step 2
+    assert not (tmp_path / "b.pt").exists()
+    rest = DetectorTrainConfig(steps=4, checkpoint=str(tmp_path / "b.ckpt"), out=str(tmp_path / "b.pt"), **common)
+    r_res = train_detector(rest, resume=True, progress=False)
+    assert len(r_res["history"]) == 4
+    np.testing.assert_allclose(r_full["history"], r_res["history"], rtol=1e-4)
+    m1, _ = build_model(tmp_path / "a.pt", "detector")
+    m2, _ = build_model(tmp_path / "b.pt", "detector")
+    for p1, p2 in zip(m1.state_dict().values(), m2.state_dict().values()):
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5)
+
+
+def test_train_config_rejects_unknown_keys(tmp_path):
+    from livestereo.config import ConfigError, load_toml
+
+    f = tmp_path / "t.toml"
+    f.write_text("steps = 3\nbatch_size = 4\n")
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_toml(f, DetectorTrainConfig)
+    f.write_text("[synth]\ndoze = [1, 2]\n")
+    with pytest.raises(ConfigError, match="doze"):
+        load_toml(f, StereoTrainConfig)
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    from livestereo.config import load_toml
+
+    root = Path(__file__).resolve().parents[1]
+    load_toml(root / "configs/train_detector.toml", DetectorTrainConfig)
+    load_toml(root / "configs/train_stereo.toml", StereoTrainConfig)
+
+
+def test_train_command_registered():
+    from livestereo.cli import build_parser
+
+    args = build_parser().parse_args(["train", "stereo", "--steps", "3", "--resume"])
+    assert args.model == "stereo" and args.steps == 3 and args.resume
