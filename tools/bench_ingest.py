@@ -29,6 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------- receivers
+def _cpu() -> float:
+    """CPU seconds of this process, all threads (user + system)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def peak_rss_mb() -> float:
     """VmHWM of this process (MB). ru_maxrss would carry the parent's peak across exec."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -54,13 +60,15 @@ def receive_bare(endpoint: str) -> dict:
         if len(parts) == 2:
             if t_first is None:
                 t_first = time.perf_counter()
+                cpu0 = _cpu()
             frames_msgs += 1
             nbytes += parts[1].buffer.nbytes
         elif msgpack.unpackb(parts[0].buffer).get("type") == "end":
             t_end = time.perf_counter()
+            cpu1 = _cpu()
             frames = msgpack.unpackb(parts[0].buffer)["frames_sent"]
             break
-    return {"frames": frames, "bytes": nbytes, "seconds": t_end - t_first, "messages": frames_msgs,
+    return {"frames": frames, "bytes": nbytes, "seconds": t_end - t_first, "messages": frames_msgs, "cpu_s": cpu1 - cpu0,
             "maxrss_mb": peak_rss_mb()}
 
 
@@ -79,8 +87,10 @@ def receive_daemon(endpoint: str, layout: str) -> dict:
             if item is not None and item.message is not None:
                 if "first" not in marks and isinstance(item.message, FramesMessage):
                     marks["first"] = time.perf_counter()
+                    marks["cpu0"] = _cpu()
                 elif isinstance(item.message, EndMessage):
                     marks["end"] = time.perf_counter()
+                    marks["cpu1"] = _cpu()
             return item
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,6 +100,7 @@ def receive_daemon(endpoint: str, layout: str) -> dict:
         daemon.run()
         c = daemon.ingest.counters
     return {"frames": c.frames, "bytes": c.bytes, "seconds": marks["end"] - marks["first"], "rejected": c.rejected_total,
+            "cpu_s": marks["cpu1"] - marks["cpu0"],
             "maxrss_mb": peak_rss_mb()}
 
 
@@ -140,19 +151,27 @@ def main() -> None:
 
     print("\n(b) end to end: simulator process -> tcp loopback -> receiver process (256x256 uint16)", flush=True)
     scans = 8 if args.quick else 24
+    reps = 1 if args.quick else 3
     rows = []
     for fpm in (64, 1):
         n_scans = scans if fpm > 1 else max(1, scans // 3)
-        bare = run_pair(["bare"], n_scans, fpm, sim_config)
+        runs: dict[str, list[dict]] = {"bare": [], "stereo": [], "multiview": []}
+        for _ in range(reps):  # alternate, so slow phases of a shared machine hit every receiver alike
+            runs["bare"].append(run_pair(["bare"], n_scans, fpm, sim_config))
+            for layout in ("stereo", "multiview"):
+                runs[layout].append(run_pair(["daemon", layout], n_scans, fpm, sim_config))
+        med = {k: sorted(v, key=lambda r: r["frames"] / r["seconds"])[len(v) // 2] for k, v in runs.items()}
         for layout in ("stereo", "multiview"):
-            d = run_pair(["daemon", layout], n_scans, fpm, sim_config)
-            rows.append((fpm, layout, bare, d))
-    print(f"{'frames/msg':>10} {'layout':>10} {'bare frames/s':>14} {'GB/s':>6} {'daemon frames/s':>16} {'GB/s':>6} {'ratio':>6} {'daemon RSS MB':>14}")
+            rows.append((fpm, layout, med["bare"], med[layout]))
+    print(f"median of {reps} alternating run(s) each")
+    print(f"{'frames/msg':>10} {'layout':>10} {'bare frames/s':>14} {'GB/s':>6} {'daemon frames/s':>16} {'GB/s':>6} {'ratio':>6} "
+          f"{'CPU us/frame bare':>18} {'daemon':>7} {'daemon RSS MB':>14}")
     for fpm, layout, bare, d in rows:
         bf, df = bare["frames"] / bare["seconds"], d["frames"] / d["seconds"]
         print(f"{fpm:>10} {layout:>10} {bf:>14.0f} {bare['bytes'] / bare['seconds'] / 1e9:>6.2f} {df:>16.0f} "
-              f"{d['bytes'] / d['seconds'] / 1e9:>6.2f} {df / bf:>6.2f} {d['maxrss_mb']:>14.0f}")
-    print("\ntarget: daemon >= 0.9x the bare PULL loop; (c) peak RSS is the daemon process's ru_maxrss "
+              f"{d['bytes'] / d['seconds'] / 1e9:>6.2f} {df / bf:>6.2f} {1e6 * bare['cpu_s'] / bare['frames']:>18.1f} "
+              f"{1e6 * d['cpu_s'] / d['frames']:>7.1f} {d['maxrss_mb']:>14.0f}")
+    print("\ntarget: daemon >= 0.9x the bare PULL loop; (c) peak RSS is the daemon process's VmHWM "
           f"(bare loop: {rows[0][2]['maxrss_mb']:.0f} MB)")
 
 

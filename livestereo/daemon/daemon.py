@@ -127,7 +127,7 @@ class Daemon:
             w.start()
         log.info("listening on %s; results in %s/", self.source.name, cfg.output_dir)
         poll_s = min(0.1, cfg.status_interval_s)
-        ingest, recorder, source = self.ingest, self.recorder, self.source
+        ingest, recorder, source, status, max_runs = self.ingest, self.recorder, self.source, self.status, cfg.max_runs
         try:
             while not self.stop_event.is_set():
                 try:
@@ -143,9 +143,10 @@ class Daemon:
                     ingest.handle(item)
                 else:
                     ingest.check_idle(cfg.idle_timeout_s)
-                desc, total = self._run_desc()
-                self.status.update(ingest.counters, desc, total)
-                if cfg.max_runs is not None and len(self.runs_ended) >= cfg.max_runs:
+                if status.due():
+                    desc, total = self._run_desc()
+                    status.update(ingest.counters, desc, total)
+                if max_runs is not None and len(self.runs_ended) >= max_runs:
                     break
         except KeyboardInterrupt:
             log.warning("interrupted: closing the run in progress")

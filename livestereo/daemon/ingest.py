@@ -77,6 +77,9 @@ class _Run:
         self.calibration = start.calibration
         self.layout: Layout | None = None
         self.weights: np.ndarray | None = None  # (n_det, npix) float32
+        self.dtype = np.dtype(start.dtype).newbyteorder("<")
+        self.item_shape = start.item_shape
+        self.n_positions = start.n_positions
         self.layout_info: LayoutInfo | None = None
         self.pending: list[FramesMessage] = []  # held while the disc is being found
         self.pending_frames = 0
@@ -221,28 +224,36 @@ class Ingest:
                 raise ProtocolError("after_end", f"frames for run {msg.run_id!r} after its end")
             raise ProtocolError("no_run", f"frames for run {msg.run_id!r} before any start")
         start = run.start
+        data = msg.data
         if msg.run_id != start.run_id:
             raise ProtocolError("wrong_run", f"frames for run {msg.run_id!r} during run {start.run_id!r}")
-        if msg.data.dtype.name != start.dtype:
-            raise ProtocolError("wrong_dtype", f"frames dtype {msg.data.dtype.name} but the run declared {start.dtype}")
-        if msg.data.shape[1:] != start.item_shape:
-            raise ProtocolError("wrong_shape", f"frames of shape {msg.data.shape[1:]} but the run declared {start.item_shape}")
-        n_pos = start.n_positions
-        if msg.first + msg.count > n_pos:
-            raise ProtocolError("index_out_of_range", f"frames {msg.first}..{msg.first + msg.count - 1} outside the scan of {n_pos} positions")
-        if start.repeat and msg.scan >= start.repeat:
-            raise ProtocolError("scan_out_of_range", f"scan {msg.scan} but the series has {start.repeat} scans")
-        if msg.scan in run.completed_scans or (run.scan is not None and msg.scan < run.scan.number):
-            raise ProtocolError("stale_scan", f"frames for scan {msg.scan}, which is already closed")
+        if data.dtype != run.dtype:
+            raise ProtocolError("wrong_dtype", f"frames dtype {data.dtype.name} but the run declared {start.dtype}")
+        if data.shape[1:] != run.item_shape:
+            raise ProtocolError("wrong_shape", f"frames of shape {data.shape[1:]} but the run declared {run.item_shape}")
+        count = data.shape[0]
+        if msg.first + count > run.n_positions:
+            raise ProtocolError("index_out_of_range", f"frames {msg.first}..{msg.first + count - 1} outside the scan of {run.n_positions} positions")
+        scan_no = msg.scan
+        current = run.scan
+        if current is None or scan_no != current.number:
+            if start.repeat and scan_no >= start.repeat:
+                raise ProtocolError("scan_out_of_range", f"scan {scan_no} but the series has {start.repeat} scans")
+            if scan_no in run.completed_scans or (current is not None and scan_no < current.number):
+                raise ProtocolError("stale_scan", f"frames for scan {scan_no}, which is already closed")
         # sequence numbers: a jump forward is a gap (messages lost upstream)
-        if msg.seq > run.expected_seq:
-            missing = msg.seq - run.expected_seq
-            run.gaps += missing
-            self.counters.gaps += missing
-            if run.scan is not None:
-                run.scan.gaps += missing
-            log.warning("run %s: gap of %d message(s) before seq %d", start.run_id, missing, msg.seq)
-        run.expected_seq = max(run.expected_seq, msg.seq + 1)
+        seq = msg.seq
+        if seq != run.expected_seq:
+            if seq > run.expected_seq:
+                missing = seq - run.expected_seq
+                run.gaps += missing
+                self.counters.gaps += missing
+                if current is not None:
+                    current.gaps += missing
+                log.warning("run %s: gap of %d message(s) before seq %d", start.run_id, missing, seq)
+            run.expected_seq = max(run.expected_seq, seq + 1)
+        else:
+            run.expected_seq = seq + 1
 
         if run.layout is None:
             self._hold_for_disc(run, msg)
@@ -250,20 +261,23 @@ class Ingest:
         self._accumulate(run, msg)
 
     def _accumulate(self, run: _Run, msg: FramesMessage) -> None:
-        if run.scan is None or msg.scan != run.scan.number:
-            if run.scan is not None:
-                self._finish_scan(run)
-            run.scan = _Scan(msg.scan, Accumulator(run.weights, run.start.n_positions))
-            run.highest_scan = max(run.highest_scan, msg.scan)
         scan = run.scan
+        if scan is None or msg.scan != scan.number:
+            if scan is not None:
+                self._finish_scan(run)
+            scan = run.scan = _Scan(msg.scan, Accumulator(run.weights, run.n_positions))
+            run.highest_scan = max(run.highest_scan, msg.scan)
+        count = msg.data.shape[0]
         dups = scan.acc.add(msg.data, msg.first)
-        scan.frames += msg.count
+        scan.frames += count
         scan.duplicates += dups
         scan.last_seq = msg.seq
-        run.frames += msg.count
-        self.counters.frames += msg.count
-        self.counters.duplicates += dups
-        if scan.frames - scan.duplicates >= run.start.n_positions and scan.acc.filled.all():
+        run.frames += count
+        counters = self.counters
+        counters.frames += count
+        if dups:
+            counters.duplicates += dups
+        if scan.frames - scan.duplicates >= run.n_positions and scan.acc.filled.all():
             self._finish_scan(run)
         elif self.on_snapshot is not None:
             now = time.monotonic()

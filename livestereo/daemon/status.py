@@ -31,6 +31,10 @@ class StatusLine:
         self._bytes = 0
         self.last_line = ""
 
+    def due(self) -> bool:
+        """True when the next line is due (cheap: call it per message)."""
+        return time.monotonic() - self._t >= self.interval_s
+
     def update(self, counters: Counters, run_desc: str, total_frames: int | None, force: bool = False) -> None:
         now = time.monotonic()
         dt = now - self._t

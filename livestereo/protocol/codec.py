@@ -131,30 +131,45 @@ def decode(parts: Sequence[Buffer]) -> Message:
 
 def decode_frames(header: dict, parts: Sequence[Buffer]) -> FramesMessage:
     """Decode a frames message whose header is already unpacked."""
-    _check_fields(header, _FRAMES_FIELDS, "frames")
-    if len(parts) != 2:
-        raise ProtocolError("bad_parts", f"frames message has {len(parts)} parts, expected 2 (header, data)")
-    dtype = _LE_DTYPES.get(header["dtype"])
-    if dtype is None:
-        raise ProtocolError("bad_field", f"frames dtype {header['dtype']!r} is not one of {', '.join(FRAME_DTYPES)}")
-    shape = header["shape"]
-    count = header["count"]
-    if not all(isinstance(s, int) and s > 0 for s in shape) or not 1 <= len(shape) <= 2:
-        raise ProtocolError("bad_field", f"frames shape {shape!r} must be 1 or 2 positive integers")
-    if count < 1 or header["first"] < 0 or header["seq"] < 0 or header["scan"] < 0:
-        raise ProtocolError("bad_field", "frames count must be >= 1 and first, seq, scan >= 0")
+    # Fast path for well-formed headers (this runs per message at tens of kHz); anything
+    # unusual goes through the field-by-field checks that name the problem.
+    try:
+        run_id, seq, scan, first, count = header["run_id"], header["seq"], header["scan"], header["first"], header["count"]
+        dtype, shape = _LE_DTYPES[header["dtype"]], header["shape"]
+        ok = (type(run_id) is str and type(seq) is int and type(scan) is int and type(first) is int
+              and type(count) is int and type(shape) is list and count >= 1 and first >= 0 and seq >= 0 and scan >= 0
+              and len(parts) == 2 and 1 <= len(shape) <= 2 and all(type(n) is int and n > 0 for n in shape))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        _diagnose_frames(header, parts)
+        raise ProtocolError("bad_field", f"malformed frames header {header!r:.200}")  # pragma: no cover
     payload = parts[1]
     nbytes = memoryview(payload).nbytes
     expected = count * dtype.itemsize
-    for s in shape:
-        expected *= s
+    for n in shape:
+        expected *= n
     if nbytes != expected:
         raise ProtocolError(
             "bad_payload",
             f"frames payload is {nbytes} bytes but count x shape x dtype = {count} x {tuple(shape)} x {dtype.name} = {expected}",
         )
     data = np.frombuffer(payload, dtype=dtype).reshape(count, *shape)
-    return FramesMessage(header["run_id"], header["seq"], header["scan"], header["first"], data)
+    return FramesMessage(run_id, seq, scan, first, data)
+
+
+def _diagnose_frames(header: dict, parts: Sequence[Buffer]) -> None:
+    """Raise the ProtocolError that names what is wrong with a frames message."""
+    _check_fields(header, _FRAMES_FIELDS, "frames")
+    if len(parts) != 2:
+        raise ProtocolError("bad_parts", f"frames message has {len(parts)} parts, expected 2 (header, data)")
+    if header["dtype"] not in _LE_DTYPES:
+        raise ProtocolError("bad_field", f"frames dtype {header['dtype']!r} is not one of {', '.join(FRAME_DTYPES)}")
+    shape = header["shape"]
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape) or not 1 <= len(shape) <= 2:
+        raise ProtocolError("bad_field", f"frames shape {shape!r} must be 1 or 2 positive integers")
+    if header["count"] < 1 or header["first"] < 0 or header["seq"] < 0 or header["scan"] < 0:
+        raise ProtocolError("bad_field", "frames count must be >= 1 and first, seq, scan >= 0")
 
 
 def format_validation_error(exc: ValidationError, what: str) -> str:
