@@ -70,7 +70,9 @@ def test_disc_found_when_start_has_no_calibration(harness):
     cal = h.daemon.runs_ended[0]["calibration"]
     assert abs(cal["disc_center_px"][0] - 30.3) < 0.3 and abs(cal["disc_center_px"][1] - 33.6) < 0.3
     assert abs(cal["disc_radius_px"] - 20.2) < 0.4
-    got = read_scan(scan_path(h.cfg.output_dir, "r1", 0))
+    path = scan_path(h.cfg.output_dir, "r1", 0)
+    h.wait_for(path.exists)  # written by the results thread, after the run summary
+    got = read_scan(path)
     assert got["valid"].all() and np.all(got["images"] > 0)
 
 

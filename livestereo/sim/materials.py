@@ -21,6 +21,8 @@ from typing import Literal
 
 import numpy as np
 
+from livestereo.compute.crystal import load_material
+
 Structure = Literal["fcc", "bcc", "L1_0"]
 
 
@@ -41,15 +43,23 @@ class Material:
     description: str = ""
 
 
+def _preset(name: str, glide_planes, line_directions, description: str) -> Material:
+    """The simulator's glide systems for ``name``, with the lattice parameters of the shipped
+    preset (livestereo/presets/materials, the same file the reconstruction indexes with)."""
+    lattice = load_material(name).lattice
+    return Material(name, load_material(name).structure, lattice.a_nm, lattice.c_nm or lattice.a_nm,
+                    glide_planes, line_directions, description)
+
+
 MATERIALS: dict[str, Material] = {
-    "gamma-TiAl": Material(
-        "gamma-TiAl", "L1_0", 0.400, 0.407, ((1, 1, 1),), ((1, 1, 0), (1, 0, 1)),
+    "gamma-TiAl": _preset(
+        "gamma-TiAl", ((1, 1, 1),), ((1, 1, 0), (1, 0, 1)),
         "gamma-TiAl, L1_0 (tetragonal, c/a ~ 1.02): glide on {111}, ordinary 1/2<110] and super <101] dislocations",
     ),
-    "Al": Material("Al", "fcc", 0.405, 0.405, ((1, 1, 1),), ((1, 1, 0),), "aluminium, fcc: {111}<110>"),
-    "Ni": Material("Ni", "fcc", 0.352, 0.352, ((1, 1, 1),), ((1, 1, 0),), "nickel, fcc: {111}<110>"),
-    "Cu": Material("Cu", "fcc", 0.3615, 0.3615, ((1, 1, 1),), ((1, 1, 0),), "copper, fcc: {111}<110>"),
-    "Fe": Material("Fe", "bcc", 0.2867, 0.2867, ((1, 1, 0), (1, 1, 2)), ((1, 1, 1),), "alpha-iron, bcc: {110}<111> and {112}<111>"),
+    "Al": _preset("Al", ((1, 1, 1),), ((1, 1, 0),), "aluminium, fcc: {111}<110>"),
+    "Ni": _preset("Ni", ((1, 1, 1),), ((1, 1, 0),), "nickel, fcc: {111}<110>"),
+    "Cu": _preset("Cu", ((1, 1, 1),), ((1, 1, 0),), "copper, fcc: {111}<110>"),
+    "Fe": _preset("Fe", ((1, 1, 0), (1, 1, 2)), ((1, 1, 1),), "alpha-iron, bcc: {110}<111> and {112}<111>"),
 }
 
 
