@@ -46,3 +46,26 @@ def test_segmented_run_gives_segment_images_and_particles(harness):
     assert np.median(np.abs(dz_err - np.median(dz_err))) < 10.0  # depth recovered (nm)
     worker = h.daemon.workers[0]
     h.wait_for(lambda: worker.done >= 1)
+
+
+def test_reconstruct_command_finds_particles_in_a_segmented_recording(tmp_path):
+    import subprocess
+    import sys
+
+    rec = tmp_path / "np.lsrec"
+    common = [sys.executable, "-m", "livestereo"]
+    sets = ["--set", "scan_shape=[128,128]", "--set", "n_particles=20", "--set", "seed=5",
+            "--set", "radius_range_nm=[5.0,9.0]", "--set", 'materials=["Au"]']
+    out = subprocess.run(common + ["simulate", "--particles", *sets, "--record", str(rec), "--truth", str(tmp_path / "t.h5")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = subprocess.run(common + ["reconstruct", str(rec), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "particle(s)" in res.stdout
+    rows = list(csv.DictReader((tmp_path / "out" / "scan_0000_particles.csv").open()))
+    assert len(rows) >= 12
+    cfg = ParticleSimConfig(scan_shape=(128, 128), n_particles=20, seed=5, radius_range_nm=(5.0, 9.0), materials=("Au",))
+    truth = ParticleSimulator(cfg).truth(0)
+    xy = np.array([[float(r["x_nm"]), float(r["y_nm"])] for r in rows])
+    dist, _ = cKDTree(np.stack([truth["x_nm"], truth["y_nm"]], 1)).query(xy)
+    assert np.mean(dist < 3.0) > 0.9

@@ -26,6 +26,12 @@ INPUT is one of
         file = "view_b.tif"
         theta_mrad = [52.0, 0.0]
 
+A segmented-detector input (a recording of a segmented run) gives nanoparticles instead:
+per scan ``scan_NNNN.h5`` (``/segment_images``, ``/valid``, ``/segment_angles_mrad``,
+``/particles`` with the table the daemon writes) and ``scan_NNNN_particles.csv``; the
+same ``reconstruct_particles`` call the daemon makes live (``--particles-config`` for
+parameters and a segment calibration).
+
 For (a) and (b) the virtual views come from the same accumulation code the daemon runs
 (``livestereo.daemon.offline.accumulate_file``; layout: stereo pair by default, change it
 with ``--set layout.kind=multiview --set layout.k=4`` etc.); foil thickness, material and
@@ -324,6 +330,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zone-axis", type=int, nargs=3, metavar=("U", "V", "W"), help="zone axis [uvw] along the beam")
     p.add_argument("--g", type=int, nargs=3, metavar=("H", "K", "L"), help="an indexed reflection g = (hkl)")
     p.add_argument("--g-angle-deg", type=float, default=None, help="direction of g in the image (deg from scan +x towards +y; default 0)")
+    p.add_argument("--particles-config", type=Path, help="particle parameters and segment calibration (TOML) for segmented input")
     add_set_argument(p)
     p.epilog = "--set keys: layout.* (LayoutSpec fields, recordings and arrays) and lines.* (LineParams fields)"
 
@@ -380,8 +387,8 @@ def _split_sets(pairs) -> tuple[dict, dict]:
     return layout, lines
 
 
-def views_from_file(args, layout_overrides: dict) -> tuple[str, list[ViewSet]]:
-    """(input kind, view sets) of a recording / 4D array via the daemon's accumulation."""
+def accumulate_input(args, layout_overrides: dict) -> tuple[str, list]:
+    """(input kind, ScanImages per scan) of a recording / 4D array via the daemon's accumulation."""
     from livestereo.config import load_toml, parse_config
 
     from livestereo.compute.layouts import LayoutSpec
@@ -402,7 +409,17 @@ def views_from_file(args, layout_overrides: dict) -> tuple[str, list[ViewSet]]:
     kw: dict[str, Any] = {"calibration": cal, "layout": layout}
     if args.scan_shape:
         kw["scan_shape"] = tuple(args.scan_shape)
-    scans = accumulate_file(args.input, **kw)
+    return kind, accumulate_file(args.input, **kw)
+
+
+def is_segmented(scans) -> bool:
+    """True when the scans' virtual images are the segments of a segmented detector."""
+    roles = tuple(getattr(scans[0].layout, "roles", ()))
+    return len(roles) >= 2 and all(r == "segment" for r in roles)
+
+
+def views_from_scans(args, scans) -> list[ViewSet]:
+    """Stereo view sets (the layout's views) of accumulated scans."""
     orient = _orientation_from_args(args)
     out = []
     for s in scans:
@@ -422,7 +439,39 @@ def views_from_file(args, layout_overrides: dict) -> tuple[str, list[ViewSet]]:
             scan_step_nm=float(s.calibration.scan_step_nm), thickness_nm=float(thickness), scan=int(s.scan),
             material=mat, orientation=ori, metadata={"run_id": getattr(s, "run_id", None), "start_metadata": meta},
         ))
-    return kind, out
+    return out
+
+
+def reconstruct_particles_offline(args, scans, outdir: Path, summary: dict) -> list[Path]:
+    """Segmented input: nanoparticles per scan, the same call the daemon makes live."""
+    from livestereo.compute.particles.params import ParticleParams, load_particle_config
+    from livestereo.compute.particles.pipeline import reconstruct_particles, resolve_segment_angles
+    from livestereo.compute.particles.table import write_particle_table
+
+    params, seg_cal = (load_particle_config(args.particles_config) if args.particles_config else (ParticleParams(), None))
+    written = []
+    for s in scans:
+        angles = resolve_segment_angles(len(s.layout.roles), s.calibration.segment_angles_mrad, seg_cal)
+        t0 = time.perf_counter()
+        table = reconstruct_particles(s.images, s.valid, angles, s.calibration.scan_step_nm, params)
+        secs = time.perf_counter() - t0
+        h5 = outdir / f"scan_{s.scan:04d}.h5"
+        csv_path = outdir / f"scan_{s.scan:04d}_particles.csv"
+        import h5py
+
+        with h5py.File(h5, "w") as f:
+            f.attrs["format"] = "livestereo.particles"
+            f.attrs["scan"] = s.scan
+            f.attrs["scan_step_nm"] = s.calibration.scan_step_nm
+            f.create_dataset("segment_images", data=s.images.astype(np.float32))
+            f.create_dataset("valid", data=s.valid)
+            f.create_dataset("segment_angles_mrad", data=angles)
+            write_particle_table(table, f.create_group("particles"), csv_path)
+        written.append(h5)
+        summary["scans"].append({"scan": s.scan, "hdf5": h5.name, "csv": csv_path.name, "n_particles": len(table),
+                                 "seconds": round(secs, 4), "segment_angles_mrad": angles.tolist()})
+        print(f"scan {s.scan}: {len(table)} particle(s) in {secs:.2f} s -> {h5}, {csv_path}")
+    return written
 
 
 def _load_pipeline():
@@ -528,12 +577,28 @@ def run(args) -> int:
             vsets[0].thickness_nm = args.thickness_nm
     else:
         try:
-            kind, vsets = views_from_file(args, layout_over)
+            kind, scans = accumulate_input(args, layout_over)
+            segmented = is_segmented(scans)
+            vsets = [] if segmented else views_from_scans(args, scans)
         except ConfigError:
             raise
         except (ValueError, OSError, RuntimeError) as exc:
             print(f"livestereo reconstruct: {src}: {exc}", file=sys.stderr)
             return 2
+        if segmented:
+            outdir = args.output or src.with_name(src.stem + "_reconstruct")
+            outdir.mkdir(parents=True, exist_ok=True)
+            summary = {"livestereo_version": __version__, "input": str(src), "input_kind": kind + " (segmented: particles)",
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "scans": []}
+            try:
+                reconstruct_particles_offline(args, scans, outdir, summary)
+            except ValueError as exc:
+                print(f"livestereo reconstruct: {src}: {exc}", file=sys.stderr)
+                return 2
+            summary["seconds"] = round(time.perf_counter() - t_start, 3)
+            (outdir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1), encoding="utf-8")
+            print(f"summary: {outdir / 'summary.json'}")
+            return 0
     try:
         pipeline = _load_pipeline()
     except (RuntimeError, OSError, ValueError) as exc:
