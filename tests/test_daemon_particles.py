@@ -40,7 +40,7 @@ def test_segmented_run_gives_segment_images_and_particles(harness):
     truth = sim.truth(0)
     t_xy = np.stack([truth["x_nm"], truth["y_nm"]], 1)
     dist, idx = cKDTree(t_xy).query(xy)
-    matched = dist < 3.0
+    matched = dist < truth["radius_nm"][idx]  # the issue's detection tolerance: one radius
     assert matched.mean() > 0.9
     dz_err = z[matched] - truth["z_nm"][idx[matched]]
     assert np.median(np.abs(dz_err - np.median(dz_err))) < 10.0  # depth recovered (nm)
@@ -67,5 +67,5 @@ def test_reconstruct_command_finds_particles_in_a_segmented_recording(tmp_path):
     cfg = ParticleSimConfig(scan_shape=(128, 128), n_particles=20, seed=5, radius_range_nm=(5.0, 9.0), materials=("Au",))
     truth = ParticleSimulator(cfg).truth(0)
     xy = np.array([[float(r["x_nm"]), float(r["y_nm"])] for r in rows])
-    dist, _ = cKDTree(np.stack([truth["x_nm"], truth["y_nm"]], 1)).query(xy)
-    assert np.mean(dist < 3.0) > 0.9
+    dist, idx = cKDTree(np.stack([truth["x_nm"], truth["y_nm"]], 1)).query(xy)
+    assert np.mean(dist < truth["radius_nm"][idx]) > 0.9  # within one radius, as the issue scores detections

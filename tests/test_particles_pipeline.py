@@ -321,3 +321,65 @@ def test_half_resolution_coarse_scales_match_full_filter():
         np.testing.assert_allclose(a[k, ::2, ::2], b[k, ::2, ::2], atol=1e-4 * np.abs(a[k]).max())
     # odd sizes fall back to the full filter
     np.testing.assert_array_equal(log_stack_fast(img[:255], sig), log_stack(img[:255], sig))
+
+
+def _sphere_contrast(shape, parts):
+    """Contrast of projected spheres: a * sqrt(r^2 - rho^2) / r for rows (x, y, r, a) in px."""
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    c = np.zeros(shape)
+    for x, y, r, a in parts:
+        c += a * np.sqrt(np.clip(r * r - (xx - x) ** 2 - (yy - y) ** 2, 0, None)) / r
+    return c
+
+
+@pytest.mark.parametrize("sep", [10.0, 10.5, 11.0])
+def test_touching_small_particle_next_to_a_big_one_is_split_off(sep):
+    """A small particle touching a big one has no maximum of its own in the largest significance
+    over scales (one merged blob); the hidden scale-space maximum gives it back, at its position."""
+    from livestereo.compute.particles.circles import detect_circles
+
+    rng = np.random.default_rng(3)
+    truth = np.array([[50.3, 48.6, 8.0, 0.3], [50.3 + sep, 48.6, 3.5, 0.3]])
+    c = (_sphere_contrast((96, 112), truth) + rng.normal(0, 0.003, (96, 112))).astype(np.float32)
+    valid = np.ones(c.shape, dtype=bool)
+
+    def near(d):
+        dist = np.hypot(d.x[:, None] - truth[None, :, 0], d.y[:, None] - truth[None, :, 1])
+        return dist.min(0), np.sum(dist.min(1) < 6.0)
+
+    merged = detect_circles(c, valid, (1.5, 12.0), min_noise=0.002, hidden_peaks=False)
+    dmin, n_near = near(merged)
+    assert n_near == 1 and dmin[1] > 2.0  # the old behaviour: one blob
+    split = detect_circles(c, valid, (1.5, 12.0), min_noise=0.002)
+    dmin, n_near = near(split)
+    assert n_near == 2
+    assert dmin[0] < 1.5 and dmin[1] < 1.5
+    big, small = (np.argmin(np.hypot(split.x - t[0], split.y - t[1])) for t in truth)
+    assert split.radius[small] < 0.7 * split.radius[big]
+
+
+def test_hidden_peaks_do_not_split_a_single_round_particle():
+    from livestereo.compute.particles.circles import detect_circles
+
+    rng = np.random.default_rng(4)
+    for r in (3.0, 6.0, 9.0):
+        c = (_sphere_contrast((96, 112), [(50.3, 48.6, r, 0.3)]) + rng.normal(0, 0.003, (96, 112))).astype(np.float32)
+        d = detect_circles(c, np.ones(c.shape, dtype=bool), (1.5, 12.0), min_noise=0.002)
+        assert np.sum(np.hypot(d.x - 50.3, d.y - 48.6) < r + 3) == 1
+
+
+def test_touching_pair_gives_two_particles_in_the_pipeline():
+    """Two touching particles (big + small) in all four views: two table rows at their positions."""
+    rng = np.random.default_rng(5)
+    parts = [(50.0, 48.0, 20.0, 8.0), (61.0, 48.5, -20.0, 3.5)]
+    shape = (96, 112)
+    imgs = np.empty((4, *shape))
+    for v, th in enumerate(QUAD):
+        proj = [((x - th[0] * 1e-3 * z), (y - th[1] * 1e-3 * z), r, 0.3) for x, y, z, r in parts]
+        imgs[v] = rng.poisson(2000.0 * (1 - _sphere_contrast(shape, proj)))
+    with_hidden = reconstruct_particles(imgs, None, QUAD, 1.0, ParticleParams())
+    without = reconstruct_particles(imgs, None, QUAD, 1.0, ParticleParams(hidden_peaks=False))
+    xy = np.array([p[:2] for p in parts])
+    _, dist = match(with_hidden, xy)
+    assert len(with_hidden) == 2 and (dist < 1.5).all()
+    assert len(without) == 1

@@ -338,6 +338,25 @@ def _centroid_refine(c, x, y, radius, floor, n_iter):
     return ox, oy
 
 
+def _subpixel(R, k, iy, ix):
+    """Sub-pixel centres (x, y): 3x3 parabola through R[k] around integer peaks (iy, ix)."""
+    Rk = R[k, iy, ix]
+    xm = R[k, iy, ix - 1]
+    xp = R[k, iy, ix + 1]
+    ym = R[k, iy - 1, ix]
+    yp = R[k, iy + 1, ix]
+    dx_den = xm - 2 * Rk + xp
+    dy_den = ym - 2 * Rk + yp
+    dx = np.where(dx_den < 0, 0.5 * (xm - xp) / np.where(dx_den == 0, 1, dx_den), 0.0)
+    dy = np.where(dy_den < 0, 0.5 * (ym - yp) / np.where(dy_den == 0, 1, dy_den), 0.0)
+    return ix + np.clip(dx, -0.5, 0.5), iy + np.clip(dy, -0.5, 0.5)
+
+
+#: the thickness between a hidden scale-space maximum and a neighbour must be below this x the mean
+#: of the two centres' (a dip) for both to be kept
+HIDDEN_DIP = 1.0
+
+
 def _mad_sigma(a: np.ndarray) -> float:
     # robust noise sigma of a (sub-sampled for speed)
     v = a.ravel()[:: max(1, a.size // 8192)]
@@ -358,6 +377,7 @@ def detect_circles(
     min_noise: float = 0.0,
     scale_nms: str = "2d",
     centroid: bool = True,
+    hidden_peaks: bool = True,
 ) -> Detections:
     """Dark particles (positive ``contrast``) in one image.
 
@@ -381,6 +401,12 @@ def detect_circles(
             finds fewer faint ones.
         centroid: refine the filter-peak centres to the contrast's centre of mass within the
             apparent radius + 1 px (see _centroid_refine).
+        hidden_peaks: with scale_nms '2d', also take the scale-space maxima ('3d') that are not
+            within 1 px of a '2d' peak: a particle touching a bigger or stronger one has no maximum
+            of its own in the largest significance over scales (the pair's larger-scale response
+            covers it). Such a maximum is kept next to a detection closer than the sum of their
+            radii only if the projected thickness dips between the two centres (rim maxima of one
+            particle at too small a scale do not); needs ``centroid``.
     """
     ny, nx = contrast.shape
     rmin, rmax = radius_range_px
@@ -399,12 +425,26 @@ def detect_circles(
         k, iy, ix, snr = _peaks3d(R, noise.astype(np.float32), valid, np.float32(threshold_sigma), not valid.all())
     else:
         iy, ix, snr = _peaks(R, noise.astype(np.float32), valid, np.float32(threshold_sigma), not valid.all())
+        k = np.argmax(R[:, iy, ix], axis=0)  # 2d: the scale of the largest response at the peak pixel
+    added = np.zeros(len(iy), dtype=bool)
+    if scale_nms == "2d" and hidden_peaks and centroid:
+        # scale-space maxima hidden under a merged blob's larger-scale response: a particle touching
+        # a bigger or stronger one has no maximum of its own in max-over-scales significance
+        k3, iy3, ix3, snr3 = _peaks3d(R, noise.astype(np.float32), valid, np.float32(threshold_sigma),
+                                      not valid.all())
+        mark = np.zeros((ny, nx), dtype=bool)
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                mark[np.clip(iy + di, 0, ny - 1), np.clip(ix + dj, 0, nx - 1)] = True
+        new3 = ~mark[iy3, ix3]  # not the same blob as a 2d peak (within 1 px)
+        if new3.any():
+            iy, ix, k = np.concatenate([iy, iy3[new3]]), np.concatenate([ix, ix3[new3]]), np.concatenate([k, k3[new3]])
+            snr = np.concatenate([snr, snr3[new3]])
+            added = np.concatenate([added, np.ones(int(new3.sum()), dtype=bool)])
     if len(iy) == 0:
         return Detections.empty()
     # scale: parabola in log sigma of the normalised response R around the selected scale
     col = R[:, iy, ix]  # (n_scales, m)
-    if scale_nms != "3d":
-        k = np.argmax(col, axis=0)  # 2d: the scale of the largest response at the peak pixel
     kc = np.clip(k, 1, n_scales - 2)
     a, b, c = col[kc - 1, np.arange(len(k))], col[kc, np.arange(len(k))], col[kc + 1, np.arange(len(k))]
     den = a - 2 * b + c
@@ -414,37 +454,28 @@ def detect_circles(
     lsig = logs[kc] + np.clip(off, -1, 1) * step
     lsig = np.where(k == kc, lsig, logs[k])
     radius = np.exp(lsig) / SIGMA_PER_RADIUS
-    # sub-pixel centre: 3x3 parabola at the selected scale
-    Rk = R[k, iy, ix]
-    xm = R[k, iy, ix - 1]
-    xp = R[k, iy, ix + 1]
-    ym = R[k, iy - 1, ix]
-    yp = R[k, iy + 1, ix]
-    dx_den = xm - 2 * Rk + xp
-    dy_den = ym - 2 * Rk + yp
-    dx = np.where(dx_den < 0, 0.5 * (xm - xp) / np.where(dx_den == 0, 1, dx_den), 0.0)
-    dy = np.where(dy_den < 0, 0.5 * (ym - yp) / np.where(dy_den == 0, 1, dy_den), 0.0)
-    x = ix + np.clip(dx, -0.5, 0.5)
-    y = iy + np.clip(dy, -0.5, 0.5)
+    x, y = _subpixel(R, k, iy, ix)
     if centroid:
         # centre of mass of the lightly smoothed contrast above twice its noise (a Gaussian of
         # 0.7 px divides white pixel noise by 2 sqrt(pi) 0.7 = 2.5)
         cs = ndimage.gaussian_filter(contrast.astype(np.float32), 0.7)
         pix_sigma = float(noise[0]) / float(_log_kernel_norms(contrast.shape, tuple(float(v) for v in sigmas))[0])
-        x, y = _centroid_refine(cs, x.astype(np.float64), y.astype(np.float64), radius.astype(np.float64),
-                                2.0 * pix_sigma / 2.5, 5)
-        elong = _elongation(cs, x, y, radius.astype(np.float64), 2.0 * pix_sigma / 2.5)
+        floor = 2.0 * pix_sigma / 2.5
+        x, y = _centroid_refine(cs, x.astype(np.float64), y.astype(np.float64), radius.astype(np.float64), floor, 5)
+        elong = _elongation(cs, x, y, radius.astype(np.float64), floor)
     else:
         elong = np.ones(len(x))
     # prune overlapping (weaker inside a stronger one's radius)
     order = np.argsort(-snr)
-    x, y, radius, snr, elong = x[order], y[order], radius[order], snr[order], elong[order]
+    x, y, radius, snr, elong, added = x[order], y[order], radius[order], snr[order], elong[order], added[order]
     keep = np.ones(len(x), dtype=bool)
     if len(x) > 1:
         from scipy.spatial import cKDTree
 
         tree = cKDTree(np.stack([x, y], 1))
-        pairs = tree.query_pairs(r=float(overlap_prune * rmax * 1.0 + 1e-9), output_type="ndarray")
+        # (hidden peaks: their dip test looks at neighbours up to the sum of the radii apart)
+        reach = max(overlap_prune, 2.0) if added.any() else overlap_prune
+        pairs = tree.query_pairs(r=float(reach * rmax + 1e-9), output_type="ndarray")
         if len(pairs):
             i, j = pairs[:, 0], pairs[:, 1]
             swap = i > j
@@ -455,11 +486,28 @@ def detect_circles(
             for a_, b_ in zip(i[close][sel], j[close][sel]):
                 if keep[a_]:
                     keep[b_] = False
-    x, y, radius, snr, elong = x[keep], y[keep], radius[keep], snr[keep], elong[keep]
+            if added.any() and centroid:
+                # a scale-space maximum added next to a stronger detection must be a separate
+                # particle: a dip of the projected thickness between the two centres
+                near = (d < radius[i] + radius[j]) & (added[i] | added[j])
+                ia, jb = i[near], j[near]
+                if len(ia):
+                    xs = np.concatenate([x[ia], x[jb], 0.5 * (x[ia] + x[jb])])
+                    ys = np.concatenate([y[ia], y[jb], 0.5 * (y[ia] + y[jb])])
+                    c1, c2, cm = ndimage.map_coordinates(cs, [ys, xs], order=1).reshape(3, -1)
+                    nodip = cm >= HIDDEN_DIP * 0.5 * (c1 + c2)
+                    for a_, b_ in zip(ia[nodip], jb[nodip]):
+                        if keep[a_] and keep[b_]:
+                            keep[b_ if added[b_] else a_] = False
+    x, y, radius, snr, elong, added = x[keep], y[keep], radius[keep], snr[keep], elong[keep], added[keep]
     if edge_dist is None:
         dist = np.minimum(np.minimum(x, nx - 1 - x), np.minimum(y, ny - 1 - y)) + 1
     else:
         dist = edge_dist[np.rint(y).astype(int), np.rint(x).astype(int)]
     edge = dist < radius
+    if added.any():
+        # a hidden maximum cut by the border is too often a truncated piece of its neighbour's blob
+        ok = ~(added & edge)
+        x, y, radius, snr, elong, edge = x[ok], y[ok], radius[ok], snr[ok], elong[ok], edge[ok]
     return Detections(x.astype(np.float64), y.astype(np.float64), radius.astype(np.float64), snr.astype(np.float64), edge,
                       elong.astype(np.float64))

@@ -46,6 +46,14 @@ class ParticleParams(BaseModel):
     touching particles: for crowded fields, with overlap_prune = 1.0; eval: raw F1 0.87 vs 0.83
     at 500 particles per 512^2 nm^2, 0.89 vs 0.92 at 100)."""
 
+    hidden_peaks: bool = True
+    """With scale_nms '2d': also take scale-space maxima that have no maximum of their own in the
+    largest significance over scales (a particle touching a bigger or stronger one, merged into its
+    blob), kept only where the projected thickness dips between them and the neighbour (needs
+    localize = 'centroid'; eval, 6 scenes: F1 0.940 -> 0.950 at 100 and 0.824 -> 0.852 at 500
+    particles per 512^2 nm^2, precision unchanged, depth RMSE +0.1 nm at 100 and +1.2 nm at 500
+    (the recovered particles overlap a neighbour), ~+4 ms per 512x512 view)."""
+
     localize: Literal["centroid", "filter"] = "centroid"
     """Sub-pixel centres: 'centroid' (centre of mass of the contrast above 2 noise sigma within
     the apparent radius + 1 px, from the filter peak: the centre of mass of a blurred particle

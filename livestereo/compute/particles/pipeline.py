@@ -21,7 +21,8 @@ Details (parameters in ParticleParams, configs/particles.toml):
 - flags (table.FLAGS): missing_view, edge, ambiguous, crowded, elongated.
 
 Limits: two particles whose projections overlap by more than about half their radii are seen as
-one blob (one particle is reported, often flagged 'elongated'); memory is n_scales x ny x nx
+one blob (one particle is reported, often flagged 'elongated'; touching ones are separated by the
+hidden scale-space maxima of ParticleParams.hidden_peaks); memory is n_scales x ny x nx
 float32 per view during detection (8 scales of 2048^2 = 128 MiB).
 
 Conventions: images (n_seg, ny, nx), segment X's image of segment counts (or anything
@@ -133,7 +134,7 @@ def detect_all_views(images, valid, scan_step_nm, params: ParticleParams) -> lis
                               workers=1 if params.view_threads > 1 else params.fft_workers,
                               noise_model="white" if params.denoise in ("anscombe", "none") else "mad",
                               min_noise=params.min_noise_contrast, scale_nms=params.scale_nms,
-                              centroid=params.localize == "centroid")
+                              centroid=params.localize == "centroid", hidden_peaks=params.hidden_peaks)
 
     if params.view_threads > 1 and n_seg > 1:
         # FFTs, numba kernels and most numpy calls release the GIL: views run in parallel
