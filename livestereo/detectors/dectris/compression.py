@@ -25,6 +25,23 @@ from livestereo.protocol.codec import ProtocolError
 DEFAULT_BLOCK_BYTES = 8192
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _lz4_extend(src, si, s1, n):
+    """LZ4 length extension: while the nibble is 15, add bytes until one is not 255.
+    Returns (length, next index), or (-1, si) if the input ends first."""
+    n = np.int64(n)
+    if n == 15:
+        while True:
+            if si >= s1:
+                return np.int64(-1), si
+            b = np.int64(src[si])
+            si += 1
+            n += b
+            if b != 255:
+                break
+    return n, si
+
+
 @numba.njit(nogil=True, cache=True)
 def _lz4_block(src, s0, s1, dst, d0, d1):
     """Decode the LZ4 block src[s0:s1] into dst[d0:d1]. Returns bytes written, or a
@@ -34,16 +51,9 @@ def _lz4_block(src, s0, s1, dst, d0, d1):
     while si < s1:
         token = src[si]
         si += 1
-        lit = token >> 4
-        if lit == 15:
-            while True:
-                if si >= s1:
-                    return -1
-                b = src[si]
-                si += 1
-                lit += b
-                if b != 255:
-                    break
+        lit, si = _lz4_extend(src, si, s1, token >> 4)
+        if lit < 0:
+            return -1
         if si + lit > s1:
             return -1
         if di + lit > d1:
@@ -60,16 +70,9 @@ def _lz4_block(src, s0, s1, dst, d0, d1):
         si += 2
         if off == 0 or off > di - d0:
             return -3
-        ml = token & 15
-        if ml == 15:
-            while True:
-                if si >= s1:
-                    return -1
-                b = src[si]
-                si += 1
-                ml += b
-                if b != 255:
-                    break
+        ml, si = _lz4_extend(src, si, s1, token & 15)
+        if ml < 0:
+            return -1
         ml += 4
         if di + ml > d1:
             return -2
