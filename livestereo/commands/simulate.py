@@ -122,22 +122,17 @@ def run(args) -> int:
 
 
 def _write_recording(path: Path, start, scans, fpm: int) -> int:
-    import numpy as np
-
-    from livestereo.protocol.codec import encode_end, encode_frames_header, encode_start
+    from livestereo.protocol.codec import encode_end, encode_start, iter_frames_parts
     from livestereo.protocol.messages import EndMessage
     from livestereo.recording.format import RecordingWriter
 
     seq = frames = 0
     with RecordingWriter(path) as w:
         w.write(encode_start(start), time.time())
-        for scan, chunks in scans:
-            for first, block in chunks:
-                for i in range(0, len(block), fpm):
-                    b = np.ascontiguousarray(block[i:i + fpm])
-                    w.write([encode_frames_header(start.run_id, seq, scan, first + i, len(b), start.dtype, start.item_shape), memoryview(b).cast("B")], time.time())
-                    seq += 1
-                    frames += len(b)
+        for _scan, count, parts in iter_frames_parts(start, scans, fpm):
+            w.write(parts, time.time())
+            seq += 1
+            frames += count
         w.write(encode_end(EndMessage(start.run_id, frames, "complete")), time.time())
     print(f"recording written: {path} ({frames} frames, {seq} messages)", flush=True)
     return 0

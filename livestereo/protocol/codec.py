@@ -56,6 +56,24 @@ def encode_frames_header(run_id: str, seq: int, scan: int, first: int, count: in
     )
 
 
+def iter_frames_parts(start: StartMessage, scans, frames_per_message: int | None = None):
+    """(scan, count, parts) of every frames message carrying ``scans``.
+
+    scans: (scan number, [(first flat index, frames (count, *item_shape)), ...]) pairs.
+    Frames are re-batched to ``frames_per_message`` (None: as given); seq runs 0, 1, 2, ...
+    Part 1 is the frames' own memory where they are contiguous.
+    """
+    seq = 0
+    for scan, chunks in scans:
+        for first, frames in chunks:
+            step = frames_per_message or len(frames)
+            for i in range(0, len(frames), step):
+                batch = np.ascontiguousarray(frames[i:i + step])
+                header = encode_frames_header(start.run_id, seq, scan, first + i, len(batch), start.dtype, start.item_shape)
+                yield scan, len(batch), [header, memoryview(batch).cast("B")]
+                seq += 1
+
+
 def encode_frames(msg: FramesMessage) -> list[Buffer]:
     """Parts of a frames message; part 1 is the array's own memory when it is contiguous."""
     data = np.ascontiguousarray(msg.data)

@@ -9,7 +9,7 @@ from typing import Iterable
 import numpy as np
 import zmq
 
-from livestereo.protocol.codec import encode, encode_end, encode_frames_header, encode_start
+from livestereo.protocol.codec import encode, encode_end, encode_start, iter_frames_parts
 from livestereo.protocol.messages import EndMessage, FramesMessage, Message, StartMessage
 
 log = logging.getLogger("livestereo.sender")
@@ -75,28 +75,24 @@ def stream_scans(
     Returns the end message sent ('aborted' if interrupted).
     """
     sender.send_parts(encode_start(start))
-    seq = 0
     frames_sent = 0
     t0 = time.perf_counter()
     reason = "complete"
-    dtype, shape = start.dtype, start.item_shape
+    current = None
     try:
-        for scan, chunks in scans:
-            for first, frames in chunks:
-                step = frames_per_message or len(frames)
-                for i in range(0, len(frames), step):
-                    batch = frames[i:i + step]
-                    if rate_hz:
-                        due = t0 + frames_sent / rate_hz
-                        delay = due - time.perf_counter()
-                        if delay > 0:
-                            time.sleep(delay)
-                    header = encode_frames_header(start.run_id, seq, scan, first + i, len(batch), dtype, shape)
-                    sender.send_parts([header, memoryview(np.ascontiguousarray(batch)).cast("B")])
-                    seq += 1
-                    frames_sent += len(batch)
-            if on_scan_sent is not None:
-                on_scan_sent(scan, frames_sent)
+        for scan, count, parts in iter_frames_parts(start, scans, frames_per_message):
+            if scan != current:
+                if current is not None and on_scan_sent is not None:
+                    on_scan_sent(current, frames_sent)
+                current = scan
+            if rate_hz:
+                delay = t0 + frames_sent / rate_hz - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            sender.send_parts(parts)
+            frames_sent += count
+        if current is not None and on_scan_sent is not None:
+            on_scan_sent(current, frames_sent)
     except KeyboardInterrupt:
         reason = "aborted"
         raise
