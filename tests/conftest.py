@@ -39,7 +39,7 @@ def frames_parts(run_id, seq, scan, first, frames):
 class DaemonHarness:
     """A PUSH socket bound by the test (the source), a Daemon connected to it in a thread."""
 
-    def __init__(self, tmp_path: Path, **cfg):
+    def __init__(self, tmp_path: Path, analyses=None, **cfg):
         from livestereo.daemon.config import DaemonConfig
         from livestereo.daemon.daemon import Daemon
         from livestereo.transport.zmq_source import ZmqStreamSource
@@ -53,7 +53,7 @@ class DaemonHarness:
         cfg.setdefault("idle_timeout_s", 5.0)
         cfg.setdefault("status_interval_s", 0.2)
         self.cfg = DaemonConfig(endpoint=self.endpoint, **cfg)
-        self.daemon = Daemon(self.cfg, ZmqStreamSource(self.endpoint, "pull", context=self.ctx))
+        self.daemon = Daemon(self.cfg, ZmqStreamSource(self.endpoint, "pull", context=self.ctx), analyses=analyses)
         self.rc = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

@@ -13,7 +13,7 @@ from livestereo.cli import build_parser, main
 from livestereo.daemon.ingest import Counters
 from livestereo.daemon.status import StatusLine
 
-SUBCOMMANDS = ["simulate", "run", "record", "replay", "export", "layout", "demo", "reconstruct", "calibrate"]
+SUBCOMMANDS = ["simulate", "run", "record", "replay", "export", "layout", "demo", "reconstruct", "calibrate", "view", "train"]
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)

@@ -84,7 +84,6 @@ manifest), ``created`` (ISO time), ``seconds`` and per scan: ``hdf5`` (file name
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -98,6 +97,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from livestereo.commands._common import add_set_argument, parse_set_values
 from livestereo.config import ConfigError
+from livestereo.inference.analysis import ViewSet, crystal_from, meta_get as _meta_get, process_viewset  # noqa: F401
 
 NAME = "reconstruct"
 HELP = "reconstruct dislocations in 3D from a recording, a 4D array file or a manifest of view images"
@@ -174,34 +174,6 @@ class Manifest(BaseModel):
     """Scan number written to the results."""
     views: list[ManifestView] = Field(min_length=2)
     """Two or more views; view 0 is the reference."""
-
-
-@dataclasses.dataclass
-class ViewSet:
-    """The views of one scan, ready for inference.
-
-    Attributes:
-        views: (K, ny, nx) float64 images.
-        valid: (ny, nx) bool scanned positions.
-        thetas_mrad: (K, 2) incident angles (theta_x, theta_y), mrad.
-        names: K view names.
-        scan_step_nm: p (nm).
-        thickness_nm: foil thickness t (nm) or None.
-        scan: scan number.
-        material, orientation: crystal (or None).
-        metadata: free-form description (JSON-serialisable).
-    """
-
-    views: np.ndarray
-    valid: np.ndarray
-    thetas_mrad: np.ndarray
-    names: list[str]
-    scan_step_nm: float
-    thickness_nm: float | None
-    scan: int = 0
-    material: Any = None
-    orientation: Any = None
-    metadata: dict = dataclasses.field(default_factory=dict)
 
 
 def read_image(path: Path, what: str) -> np.ndarray:
@@ -343,36 +315,8 @@ def _orientation_from_args(args) -> OrientationModel | None:
     return OrientationModel(zone_axis=tuple(args.zone_axis), g=tuple(args.g), g_angle_deg=args.g_angle_deg or 0.0)
 
 
-def _meta_get(meta: dict, key: str):
-    if key in meta:
-        return meta[key]
-    sample = meta.get("sample")
-    if isinstance(sample, dict):
-        return sample.get(key)
-    return None
-
-
 def _crystal(material: str | None, orient: OrientationModel | None, meta: dict):
-    from livestereo.compute.crystal import MaterialError, Orientation, load_material
-
-    name = material or _meta_get(meta, "material")
-    if orient is None and _meta_get(meta, "zone_axis") is not None and _meta_get(meta, "g") is not None:
-        orient = OrientationModel(zone_axis=tuple(_meta_get(meta, "zone_axis")), g=tuple(_meta_get(meta, "g")),
-                                  g_angle_deg=float(_meta_get(meta, "g_angle_deg") or 0.0))
-    if name is None:
-        if orient is not None:
-            raise ConfigError("an orientation (--zone-axis/--g) needs --material")
-        return None, None
-    try:
-        mat = load_material(name)
-    except MaterialError as exc:
-        raise ConfigError(str(exc)) from None
-    if orient is None:
-        return mat, None
-    try:
-        return mat, Orientation.from_zone_axis(mat.lattice, orient.zone_axis, orient.g, orient.g_angle_deg)
-    except ValueError as exc:
-        raise ConfigError(f"orientation: {exc}") from None
+    return crystal_from(material, orient, meta)
 
 
 def _split_sets(pairs) -> tuple[dict, dict]:
@@ -484,40 +428,6 @@ def _load_pipeline():
             f"livestereo.inference.pipeline.DislocationPipeline ({exc})"
         ) from None
     return DislocationPipeline.load()
-
-
-def _check_maps(out: dict, k: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Any]:
-    for key in ("prob", "disparity"):
-        if key not in out:
-            raise RuntimeError(f"the inference pipeline returned no {key!r} map (keys: {sorted(out)})")
-    prob = np.asarray(out["prob"], dtype=np.float32)
-    disp = np.asarray(out["disparity"], dtype=np.float32)
-    if prob.shape[-2:] != shape or disp.shape[-2:] != shape:
-        raise RuntimeError(f"the inference pipeline returned maps {prob.shape}, {disp.shape} for views {shape}")
-    sig = out.get("sigma_disparity")
-    sig = None if sig is None else np.asarray(sig, dtype=np.float32)
-    return prob, disp, sig, out.get("pairs")
-
-
-def process_viewset(pipeline, vs: ViewSet, line_params=None):
-    """Inference + lines + crystal analysis of one view set.
-
-    Returns (DislocationResult, maps dict, seconds dict); the same path the daemon runs on
-    snapshots."""
-    from livestereo.compute.dislocations import reconstruct_from_maps
-    from livestereo.compute.lines import depth_map
-
-    t0 = time.perf_counter()
-    out = pipeline.process(vs.views.astype(np.float32), vs.valid, vs.thetas_mrad, vs.scan_step_nm, vs.thickness_nm)
-    t1 = time.perf_counter()
-    prob, disp, sig, pairs = _check_maps(out, len(vs.views), vs.valid.shape)
-    res = reconstruct_from_maps(prob, disp, vs.thetas_mrad, vs.scan_step_nm, sigma_disparity=sig, valid=vs.valid,
-                                pairs=pairs, thickness_nm=vs.thickness_nm, material=vs.material,
-                                orientation=vs.orientation, scan=vs.scan, params=line_params, metadata=vs.metadata)
-    dz, _ = depth_map(disp, vs.thetas_mrad, vs.scan_step_nm, pairs=pairs)
-    t2 = time.perf_counter()
-    maps = {"prob": prob, "disparity": disp, "sigma_disparity": sig, "dz_nm": dz.astype(np.float32)}
-    return res, maps, {"inference": round(t1 - t0, 4), "lines": round(t2 - t1, 4)}
 
 
 def write_scan(path: Path, vs: ViewSet, res, maps: dict, source: str) -> None:

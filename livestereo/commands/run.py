@@ -21,8 +21,17 @@ The virtual detectors (the layout) are two counterpart regions of the bright-fie
 default (the stereo pair). When the stream's start message does not give the disc centre
 and radius, they are found from the first frames.
 
+Dislocations are reconstructed live (rolling inference on the newest snapshot of the
+scan in progress; stale snapshots are skipped, ingest never waits) and per finished scan
+(group /dislocations of scan_NNNN.h5), and tracked through an in-situ series (track ids,
+displacement in nm, velocity in nm/s). Segmented detectors give nanoparticles instead.
+--publish sends snapshots and results to any client (README "Live results stream");
+--view opens the live window in its own process.
+
 examples:
   livestereo run                                   (tcp://127.0.0.1:5555, stereo pair)
+  livestereo run --view                            (publish on tcp://127.0.0.1:5556 and open the window)
+  livestereo run --publish tcp://0.0.0.0:5556 --thickness-nm 150 --material gamma-TiAl
   livestereo run --layout multiview --k 6 --output-dir results/
   livestereo run --config configs/daemon.toml --record today.lsrec
   livestereo run --source recording.lsrec          (offline, no socket)
@@ -30,6 +39,8 @@ examples:
 """
 
 log = logging.getLogger("livestereo.run")
+
+DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -48,6 +59,12 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-timeout", type=float, metavar="S", help="close a run silent for S seconds as sender_lost (default 10)")
     p.add_argument("--calibration", type=Path, help="calibration TOML for file or detector sources that carry none")
     p.add_argument("--scan-shape", type=int, nargs=2, metavar=("NY", "NX"), help="scan shape for sources that do not carry it")
+    p.add_argument("--publish", metavar="ENDPOINT", help="publish snapshots and results on this ZeroMQ endpoint (PUB, bound here), e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--view", action="store_true", help=f"open the live window in its own process (implies --publish, default {DEFAULT_PUBLISH})")
+    p.add_argument("--no-inference", action="store_true", help="no dislocation reconstruction (acquisition and per-scan images only)")
+    p.add_argument("--thickness-nm", type=float, help="foil thickness (nm); overrides the stream metadata's thickness_nm")
+    p.add_argument("--material", help="material preset or TOML for the crystal frame of the lines; overrides the stream metadata's material")
+    p.add_argument("--inference-threads", type=int, help="torch threads for the live networks (default 1: keeps a core for ingest)")
 
 
 def build_config(args):
@@ -58,15 +75,50 @@ def build_config(args):
     for key, value in (("endpoint", args.endpoint), ("pattern", args.pattern), ("layout.kind", args.layout),
                        ("layout.k", args.k), ("layout.radius_mrad", args.radius_mrad), ("layout.offset_mrad", args.offset_mrad),
                        ("output_dir", args.output_dir and str(args.output_dir)), ("record", args.record and str(args.record)),
-                       ("max_runs", args.max_runs), ("idle_timeout_s", args.idle_timeout)):
+                       ("max_runs", args.max_runs), ("idle_timeout_s", args.idle_timeout),
+                       ("publish", getattr(args, "publish", None)), ("thickness_nm", getattr(args, "thickness_nm", None)),
+                       ("material", getattr(args, "material", None)),
+                       ("inference_threads", getattr(args, "inference_threads", None)),
+                       ("inference", False if getattr(args, "no_inference", False) else None)):
         if value is not None:
             overrides[key] = value
     if args.config:
-        return load_toml(args.config, DaemonConfig, overrides)
-    data: dict = {}
-    for k, v in overrides.items():
-        set_dotted(data, k, v)
-    return parse_config(data, DaemonConfig, "command line")
+        cfg = load_toml(args.config, DaemonConfig, overrides)
+    else:
+        data: dict = {}
+        for k, v in overrides.items():
+            set_dotted(data, k, v)
+        cfg = parse_config(data, DaemonConfig, "command line")
+    if getattr(args, "view", False) and not cfg.publish:
+        cfg = cfg.model_copy(update={"publish": DEFAULT_PUBLISH})
+    return cfg
+
+
+def make_analyses(cfg) -> list:
+    """The analyses the daemon runs besides its own (nanoparticles): dislocations, unless
+    switched off. Only this command layer may hand torch code to the daemon."""
+    if not cfg.inference:
+        return []
+    from livestereo.inference.live import DislocationAnalysis
+
+    return [DislocationAnalysis(cfg.output_dir, thickness_nm=cfg.thickness_nm, material=cfg.material,
+                                threads=cfg.inference_threads, detector_weights=cfg.detector_weights,
+                                stereo_weights=cfg.stereo_weights, track_max_distance_nm=cfg.track_max_distance_nm,
+                                track_z_weight=cfg.track_z_weight, track_clock=cfg.track_clock,
+                                min_interval_s=cfg.inference_interval_s)]
+
+
+def start_view(endpoint: str, snapshot_dir: Path | None = None):
+    """The live window in its own process, connected to ``endpoint`` (subprocess.Popen)."""
+    try:
+        from livestereo.view.launch import launch_view
+    except ImportError:
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-m", "livestereo", "view", "--connect", endpoint]
+        return subprocess.Popen(cmd)
+    return launch_view(endpoint, snapshot_dir)
 
 
 def open_source(args, cfg):
@@ -95,9 +147,24 @@ def run(args) -> int:
     except (ValueError, OSError) as exc:
         print(f"livestereo run: {exc}")
         return 2
-    daemon = Daemon(cfg, source)
+    try:
+        daemon = Daemon(cfg, source, analyses=make_analyses(cfg))
+    except OSError as exc:  # e.g. the publish endpoint is taken
+        source.close()
+        print(f"livestereo run: {exc}")
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    viewer = None
+    if args.view and daemon.publisher is not None:
+        endpoint = daemon.publisher.endpoint.replace("0.0.0.0", "127.0.0.1")
+        try:
+            viewer = start_view(endpoint, cfg.output_dir)
+            log.info("live window started (pid %d) on %s", viewer.pid, endpoint)
+        except Exception as exc:  # no display etc.: acquisition goes on
+            log.error("could not start the live window: %s", exc)
     rc = daemon.run()
+    if viewer is not None and viewer.poll() is None:
+        log.info("the live window stays open (pid %d); close it when done", viewer.pid)
     for path in daemon.writer.written:
         print(f"result: {path}")
     return rc

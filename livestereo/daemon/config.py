@@ -70,6 +70,47 @@ class DaemonConfig(BaseModel):
     particles_config: Path | None = None
     """Particle pipeline parameters and segment calibration (TOML, see configs/particles.toml)."""
 
+    publish: str | None = None
+    """Publish snapshots and results on this ZeroMQ endpoint (PUB socket, bound by the daemon,
+    e.g. tcp://127.0.0.1:5556; README "Live results stream"). None: no publisher."""
+
+    publish_sndhwm: int = Field(default=4, gt=0)
+    """Messages queued per subscriber before a slow subscriber loses messages (never waits)."""
+
+    inference: bool = True
+    """Reconstruct dislocations (live on snapshots and per scan) in runs with two or more
+    stereo views of a pixelated detector (needs the torch networks)."""
+
+    inference_threads: int = Field(default=1, ge=1)
+    """torch threads for the live dislocation networks (keep a core for ingest)."""
+
+    inference_interval_s: float = Field(default=0.0, ge=0)
+    """Least time between two live analyses of snapshots (s); 0: back to back. Caps the CPU
+    live inference takes from ingest on small machines; finished scans are always analysed."""
+
+    detector_weights: Path | None = None
+    """Detection network weights (default: the shipped livestereo/weights/detector.pt)."""
+
+    stereo_weights: Path | None = None
+    """Stereo network weights (default: the shipped livestereo/weights/stereo.pt)."""
+
+    thickness_nm: float | None = Field(default=None, gt=0)
+    """Foil thickness (nm) when the start message's metadata does not give it."""
+
+    material: str | None = None
+    """Material preset or TOML (crystal frame of the lines) when the metadata does not give it."""
+
+    track_max_distance_nm: float = Field(default=15.0, gt=0)
+    """In-situ tracking gate: a line farther than this from a track never continues it (nm)."""
+
+    track_z_weight: float = Field(default=0.5, ge=0)
+    """Weight of depth in the tracking distance (depth is the least precise coordinate)."""
+
+    track_clock: Literal["auto", "frames", "wall"] = "auto"
+    """Scan times for velocities: "frames" = scan number x positions x calibration frame_time_s
+    (back-to-back scans), "wall" = mid-time of the scan's arrival, "auto" = frames when the
+    calibration gives frame_time_s, else wall."""
+
     max_runs: int | None = Field(default=None, ge=1)
     """Stop after this many runs have ended (None: run until interrupted)."""
 

@@ -91,6 +91,8 @@ class _Run:
         self.rejected: Counter = Counter()
         self.last_message = time.monotonic()
         self.highest_scan = -1
+        self.pattern_sum: np.ndarray | None = None  # running sum of sampled frames (mean pattern)
+        self.pattern_n = 0
 
 
 class Ingest:
@@ -111,6 +113,7 @@ class Ingest:
         on_scan: Callable[[ScanImages], None] | None = None,
         on_snapshot: Callable[[ScanImages], None] | None = None,
         on_run_end: Callable[[dict], None] | None = None,
+        mean_pattern: bool = False,
     ):
         self.layout_spec = layout_spec or LayoutSpec()
         self.limits = limits or Limits()
@@ -119,6 +122,8 @@ class Ingest:
         self.on_scan = on_scan or (lambda s: None)
         self.on_snapshot = on_snapshot
         self.on_run_end = on_run_end or (lambda d: None)
+        self.mean_pattern = mean_pattern
+        """Keep a running mean diffraction pattern (first frame of every frames message) for the view."""
         self.counters = Counters()
         self.run: _Run | None = None
         self._last_snapshot = 0.0
@@ -275,6 +280,11 @@ class Ingest:
         run.frames += count
         counters = self.counters
         counters.frames += count
+        if self.mean_pattern and msg.data.ndim == 3:
+            if run.pattern_sum is None:
+                run.pattern_sum = np.zeros(msg.data.shape[1:], np.float32)
+            np.add(run.pattern_sum, msg.data[0], out=run.pattern_sum, casting="unsafe")
+            run.pattern_n += 1
         if dups:
             counters.duplicates += dups
         if scan.frames - scan.duplicates >= run.n_positions and scan.acc.filled.all():
@@ -345,6 +355,7 @@ class Ingest:
                 "started": scan.started,
                 "finished": time.time() if final else None,
             },
+            mean_pattern=(run.pattern_sum / run.pattern_n).astype(np.float32) if run.pattern_n else None,
         )
 
     def _finish_scan(self, run: _Run) -> None:

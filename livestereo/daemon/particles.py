@@ -24,7 +24,10 @@ log = logging.getLogger("livestereo.particles")
 
 
 class ParticleAnalysis:
-    """Particle reconstruction for segmented runs (``applies`` says which results qualify)."""
+    """Particle reconstruction for segmented runs (``applies`` says which results qualify);
+    an analysis of the daemon (see livestereo.daemon.daemon)."""
+
+    name = "particles"
 
     def __init__(self, output_dir: Path, config_path: Path | None = None):
         self.output_dir = Path(output_dir)
@@ -45,15 +48,15 @@ class ParticleAnalysis:
         angles = resolve_segment_angles(n_seg, start_angles, self.calibration)
         return reconstruct_particles(result.images, result.valid, angles, result.calibration.scan_step_nm, self.params)
 
-    def on_scan(self, result: ScanImages) -> None:
-        """Scan sink: the finished scan's particle table into its HDF5 file and a CSV beside it."""
+    def on_scan(self, result: ScanImages) -> ParticleTable | None:
+        """The finished scan's particle table into its HDF5 file and a CSV beside it."""
         if not self.applies(result):
-            return
+            return None
         try:
             table = self.analyse(result)
         except ValueError as exc:
             log.warning("run %s scan %d: no particle reconstruction: %s", result.run_id, result.scan, exc)
-            return
+            return None
         self.tables[(result.run_id, result.scan)] = table
         h5_path = scan_path(self.output_dir, result.run_id, result.scan)
         csv_path = h5_path.with_name(h5_path.stem + "_particles.csv")
@@ -64,6 +67,21 @@ class ParticleAnalysis:
                  result.run_id, result.scan, len(table), flagged,
                  float(table.z_nm.min()) if len(table) else float("nan"),
                  float(table.z_nm.max()) if len(table) else float("nan"), csv_path)
+        return table
+
+    @staticmethod
+    def on_result(snap: ScanImages, table: ParticleTable, latency_s: float) -> None:
+        log_live(snap, table, latency_s)
+
+    @staticmethod
+    def message(snap: ScanImages, table: ParticleTable, latency_s: float):
+        from livestereo.daemon.live import particles_message
+
+        return particles_message(snap, table, latency_s)
+
+    @staticmethod
+    def scan_summary(scan: ScanImages, table: ParticleTable) -> dict:
+        return {"n_particles": len(table), "flagged": int(np.count_nonzero(table.flags))}
 
 
 def log_live(snap: ScanImages, table: ParticleTable, latency_s: float) -> None:

@@ -55,6 +55,9 @@ class ScanImages:
     """True when every position was filled."""
     stats: dict[str, Any]
     """frames, duplicates, gaps, missing positions, timing (s since epoch)."""
+    mean_pattern: np.ndarray | None = None
+    """(det_y, det_x) float32 mean diffraction pattern of a sample of the run's frames (the
+    first frame of every frames message), pixelated runs when the daemon was asked for it."""
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -30,6 +30,8 @@ class StatusLine:
         self._frames = 0
         self._bytes = 0
         self.last_line = ""
+        self.frames_per_s = 0.0
+        self.gb_per_s = 0.0
 
     def due(self) -> bool:
         """True when the next line is due (cheap: call it per message)."""
@@ -43,6 +45,7 @@ class StatusLine:
         fps = (counters.frames - self._frames) / dt if dt > 0 else 0.0
         gbs = (counters.bytes - self._bytes) / dt / 1e9 if dt > 0 else 0.0
         self._t, self._frames, self._bytes = now, counters.frames, counters.bytes
+        self.frames_per_s, self.gb_per_s = fps, gbs
         self.last_line = (
             f"{run_desc} | {format_rate(fps)} frames/s {gbs:.2f} GB/s | frames {counters.frames} | "
             f"rejected {counters.rejected_total} | gaps {counters.gaps} | scans done {counters.scans_done}"

@@ -22,12 +22,16 @@ class LatestWorker(threading.Thread):
     """
 
     def __init__(self, name: str, analyse: Callable[[ScanImages], Any], *, accept: Callable[[ScanImages], bool] | None = None,
-                 on_result: Callable[[ScanImages, Any, float], None] | None = None):
+                 on_result: Callable[[ScanImages, Any, float], None] | None = None,
+                 prepare: Callable[[], None] | None = None, min_interval_s: float = 0.0):
         super().__init__(name=f"livestereo-{name}", daemon=True)
         self.slot: Latest[ScanImages] = Latest()
         self.analyse = analyse
         self.accept = accept or (lambda s: True)
         self.on_result = on_result
+        self.prepare = prepare
+        self.min_interval_s = float(min_interval_s)
+        """Least time between the starts of two analyses (s): caps the CPU the worker takes."""
         self.latest: tuple[ScanImages, Any, float] | None = None
         self.done = 0
         self.errors = 0
@@ -38,15 +42,29 @@ class LatestWorker(threading.Thread):
         return self.slot.replaced
 
     def run(self) -> None:
+        if self.prepare is not None:
+            try:
+                self.prepare()
+            except Exception as exc:  # e.g. missing model weights: logged by the analysis, never fatal
+                log.error("%s: preparation failed: %s", self.name, exc)
+        last_start = -1e9
         while not self._halt.is_set():
+            wait = last_start + self.min_interval_s - time.perf_counter()
+            if wait > 0 and self._halt.wait(wait):
+                return
             snap = self.slot.get(timeout=0.2)
             if snap is None:
                 if self.slot.closed:
                     return
                 continue
-            if not self.accept(snap):
+            try:
+                if not self.accept(snap):
+                    continue
+            except Exception as exc:
+                self.errors += 1
+                log.warning("%s: cannot tell whether run %s applies: %s", self.name, snap.run_id, exc)
                 continue
-            t0 = time.perf_counter()
+            t0 = last_start = time.perf_counter()
             try:
                 result = self.analyse(snap)
             except Exception as exc:  # bad data must not kill the worker or the daemon

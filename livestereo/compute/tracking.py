@@ -1,0 +1,299 @@
+"""Dislocations tracked through an in-situ series: stable identities, displacement, velocity.
+
+Each completed scan's 3D lines are matched to the tracks of the previous scans by a
+minimum-cost assignment (``scipy.optimize.linear_sum_assignment``) on a curve distance:
+the median distance of each point of one curve to the other curve (point-to-curve, on a
+densely resampled polyline), taken in both directions and averaged; pairs farther apart
+than ``max_distance_nm`` (the gate) are never matched.  A matched line continues its
+track; an unmatched line starts a new track (new id); a track without a match for more
+than ``max_missed`` scans ends (kept in the history, never reused).
+
+Motion: ``displacement_nm`` (3,) is the mean vector from each point of the previous curve
+to its nearest point of the new one, averaged with the same in the other direction, over
+the points whose nearest point is not a curve end (so a line that grows or shrinks at its
+ends does not bias it).  It is the motion **perpendicular to the line**: a shift along a
+line's own direction is not observable.  ``velocity_nm_s`` = displacement / dt and
+``speed_nm_s`` its length, with dt the time between the scans' mid-times (s).  The centroid
+shift is reported as well (``centroid_shift_nm``), but it moves whenever the visible part
+of a line changes.
+
+Pure numpy / scipy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial import cKDTree
+
+_BIG = 1e9
+
+
+def resample_polyline(points: np.ndarray, spacing: float) -> np.ndarray:
+    """(n, 3) polyline resampled at a uniform arc-length spacing <= ``spacing`` (ends kept)."""
+    pts = np.asarray(points, dtype=np.float64)
+    pts = pts[np.all(np.isfinite(pts), axis=1)]
+    if len(pts) < 2:
+        return pts.copy()
+    seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    if s[-1] <= 0:
+        return pts[:1].copy()
+    n = int(np.ceil(s[-1] / spacing)) + 1
+    t = np.linspace(0.0, s[-1], n)
+    return np.stack([np.interp(t, s, pts[:, k]) for k in range(pts.shape[1])], axis=1)
+
+
+class _Curve:
+    """A curve prepared for distance queries: dense points and a KD tree (z scaled)."""
+
+    def __init__(self, points: np.ndarray, spacing: float, z_weight: float, closed: bool = False):
+        self.raw = np.asarray(points, dtype=np.float64)
+        self.dense = resample_polyline(self.raw, spacing)
+        if len(self.dense) == 0:
+            raise ValueError("a curve needs at least one finite point")
+        self.scale = np.array([1.0, 1.0, z_weight])
+        self.tree = cKDTree(self.dense * self.scale)
+        n = len(self.dense)
+        self.end = np.zeros(n, bool)
+        if not closed and n > 2:
+            k = max(1, int(np.ceil(1.0 / spacing)))  # samples within ~1 nm of each end
+            self.end[:k] = True
+            self.end[-k:] = True
+        self.centroid = self.dense.mean(axis=0)
+        self.length = float(np.sum(np.linalg.norm(np.diff(self.dense, axis=0), axis=1))) if n > 1 else 0.0
+
+    def nearest(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(distances in the scaled metric, indices into dense) of each point."""
+        d, i = self.tree.query(pts * self.scale)
+        return d, i
+
+    def foot(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(nearest point on the polyline (n, 3), index of the nearest dense sample) of each point:
+        the orthogonal projection onto the segments next to the nearest sample."""
+        _, i = self.nearest(pts)
+        best = self.dense[i].copy()
+        bestd = np.linalg.norm((pts - best) * self.scale, axis=1)
+        n = len(self.dense)
+        for lo in (i - 1, i):
+            ok = (lo >= 0) & (lo + 1 < n)
+            a = self.dense[np.clip(lo, 0, n - 1)]
+            b = self.dense[np.clip(lo + 1, 0, n - 1)]
+            ab = b - a
+            L2 = np.einsum("ij,ij->i", ab, ab)
+            t = np.clip(np.einsum("ij,ij->i", pts - a, ab) / np.where(L2 > 0, L2, 1.0), 0.0, 1.0)
+            f = a + t[:, None] * ab
+            d = np.linalg.norm((pts - f) * self.scale, axis=1)
+            better = ok & (d < bestd)
+            best[better], bestd[better] = f[better], d[better]
+        return best, i
+
+
+def curve_distance(a: _Curve, b: _Curve) -> tuple[float, float]:
+    """(median distance a -> b, median distance b -> a), scaled metric (nm)."""
+    dab, _ = b.nearest(a.dense)
+    dba, _ = a.nearest(b.dense)
+    return float(np.median(dab)), float(np.median(dba))
+
+
+def curve_displacement(old: _Curve, new: _Curve) -> np.ndarray:
+    """Mean perpendicular motion (3,) nm from ``old`` to ``new`` (see the module docstring)."""
+    vecs = []
+    f, i = new.foot(old.dense)              # old point -> nearest point of the new curve
+    keep = ~new.end[i]
+    if keep.any():
+        vecs.append((f - old.dense)[keep])
+    f, j = old.foot(new.dense)              # new point -> nearest point of the old curve
+    keep = ~old.end[j]
+    if keep.any():
+        vecs.append((new.dense - f)[keep])
+    if not vecs:
+        return new.centroid - old.centroid
+    return np.mean([v.mean(axis=0) for v in vecs], axis=0)
+
+
+@dataclasses.dataclass
+class TrackStep:
+    """What tracking says about one line of a scan."""
+
+    line_index: int
+    """Index of the line in the list given to :meth:`LineTracker.update`."""
+    track_id: int
+    status: str
+    """"new" (first seen in this scan) or "continued"."""
+    distance_nm: float | None = None
+    """Matching cost to the track's previous curve (nm), None for a new track."""
+    dt_s: float | None = None
+    """Time since the track was last seen (s)."""
+    displacement_nm: np.ndarray | None = None
+    """(3,) perpendicular motion since the track was last seen (nm)."""
+    centroid_shift_nm: np.ndarray | None = None
+    velocity_nm_s: np.ndarray | None = None
+    speed_nm_s: float | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        def r(x, nd=4):
+            return None if x is None else np.round(np.asarray(x, dtype=float), nd).tolist()
+
+        return {"line_index": int(self.line_index), "track_id": int(self.track_id), "status": self.status,
+                "distance_nm": r(self.distance_nm), "dt_s": r(self.dt_s, 6), "displacement_nm": r(self.displacement_nm),
+                "centroid_shift_nm": r(self.centroid_shift_nm), "velocity_nm_s": r(self.velocity_nm_s),
+                "speed_nm_s": r(self.speed_nm_s)}
+
+
+@dataclasses.dataclass
+class Track:
+    """One dislocation followed through the series."""
+
+    id: int
+    scans: list[int] = dataclasses.field(default_factory=list)
+    times_s: list[float] = dataclasses.field(default_factory=list)
+    centroids_nm: list[np.ndarray] = dataclasses.field(default_factory=list)
+    lengths_nm: list[float] = dataclasses.field(default_factory=list)
+    displacements_nm: list[np.ndarray] = dataclasses.field(default_factory=list)
+    """(3,) per continuation (one fewer than scans)."""
+    speeds_nm_s: list[float] = dataclasses.field(default_factory=list)
+    ended: bool = False
+    missed: int = 0
+    curve: _Curve | None = dataclasses.field(default=None, repr=False)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        disp = np.sum(self.displacements_nm, axis=0) if self.displacements_nm else np.zeros(3)
+        span = (self.times_s[-1] - self.times_s[0]) if len(self.times_s) > 1 else 0.0
+        return {
+            "track_id": self.id, "scans": list(self.scans), "first_scan": self.scans[0], "last_scan": self.scans[-1],
+            "ended": self.ended, "total_displacement_nm": np.round(disp, 4).tolist(),
+            "mean_speed_nm_s": round(float(np.mean(self.speeds_nm_s)), 6) if self.speeds_nm_s else None,
+            "mean_velocity_nm_s": np.round(disp / span, 6).tolist() if span > 0 else None,
+            "lengths_nm": [round(float(x), 3) for x in self.lengths_nm],
+        }
+
+
+class LineTracker:
+    """Follows 3D dislocation lines through the completed scans of one in-situ series.
+
+    Args:
+        max_distance_nm: gate: lines farther than this from a track (curve distance) never
+            continue it.
+        z_weight: weight of z in the distances used for matching (depth is the least
+            precise coordinate; 1 = plain 3D distance). Displacements are always in 3D.
+        max_missed: scans a track may go unmatched and still be continued later.
+        spacing_nm: resampling step of the curves (nm).
+    """
+
+    def __init__(self, max_distance_nm: float = 15.0, *, z_weight: float = 1.0, max_missed: int = 1,
+                 spacing_nm: float = 0.5):
+        if max_distance_nm <= 0 or spacing_nm <= 0 or z_weight < 0 or max_missed < 0:
+            raise ValueError("max_distance_nm and spacing_nm must be > 0, z_weight and max_missed >= 0")
+        self.max_distance_nm = float(max_distance_nm)
+        self.z_weight = float(z_weight)
+        self.max_missed = int(max_missed)
+        self.spacing_nm = float(spacing_nm)
+        self.tracks: dict[int, Track] = {}
+        self.next_id = 0
+        self.history: list[dict[str, Any]] = []
+        """Per update: {"scan", "time_s", "steps": [TrackStep as dict]}."""
+
+    # ------------------------------------------------------------------ matching
+    def _prepare(self, curves: Sequence[np.ndarray], closed: Sequence[bool] | None) -> list[_Curve | None]:
+        out = []
+        for k, c in enumerate(curves):
+            c = np.asarray(c, dtype=np.float64).reshape(-1, 3)
+            try:
+                out.append(_Curve(c, self.spacing_nm, self.z_weight, bool(closed[k]) if closed is not None else False))
+            except ValueError:
+                out.append(None)
+        return out
+
+    @property
+    def active(self) -> list[Track]:
+        return [t for t in self.tracks.values() if not t.ended]
+
+    def _assign(self, prepared: list[_Curve | None]) -> tuple[list[Track], dict[int, tuple[int, float]]]:
+        """line index -> (track id, cost) for the matched lines."""
+        tracks = [t for t in self.active if t.curve is not None]
+        if not tracks or not prepared:
+            return tracks, {}
+        cost = np.full((len(prepared), len(tracks)), _BIG)
+        gate = self.max_distance_nm
+        for i, c in enumerate(prepared):
+            if c is None:
+                continue
+            for j, t in enumerate(tracks):
+                if np.linalg.norm((c.centroid - t.curve.centroid)[:2]) > gate + 0.5 * (c.length + t.curve.length):
+                    continue  # cannot be within the gate anywhere
+                dab, dba = curve_distance(c, t.curve)
+                if min(dab, dba) <= gate:
+                    cost[i, j] = 0.5 * (dab + dba)
+        rows, cols = linear_sum_assignment(cost)
+        out = {}
+        for i, j in zip(rows, cols):
+            if cost[i, j] < _BIG:
+                out[int(i)] = (tracks[j].id, float(cost[i, j]))
+        return tracks, out
+
+    def match(self, curves: Sequence[np.ndarray], closed: Sequence[bool] | None = None) -> list[tuple[int | None, float | None]]:
+        """Provisional (track id or None, cost) per curve, without changing any track (for
+        partial scans: the live snapshot's lines against the last completed scans)."""
+        prepared = self._prepare(curves, closed)
+        _, m = self._assign(prepared)
+        return [m.get(i, (None, None)) for i in range(len(prepared))]
+
+    def displacement(self, track_id: int, curve: np.ndarray) -> np.ndarray | None:
+        """(3,) perpendicular motion of ``curve`` from the track's last curve (nm), or None."""
+        t = self.tracks.get(track_id)
+        if t is None or t.curve is None:
+            return None
+        new = self._prepare([curve], None)[0]
+        return None if new is None else curve_displacement(t.curve, new)
+
+    # ------------------------------------------------------------------ update
+    def update(self, scan: int, time_s: float, curves: Sequence[np.ndarray],
+               closed: Sequence[bool] | None = None) -> list[TrackStep]:
+        """Match one completed scan's curves ((n, 3) nm each) taken at ``time_s`` (s, the
+        scan's mid-time) to the tracks; returns one :class:`TrackStep` per curve."""
+        prepared = self._prepare(curves, closed)
+        _, matched = self._assign(prepared)
+        steps: list[TrackStep] = []
+        seen: set[int] = set()
+        for i, c in enumerate(prepared):
+            if i in matched:
+                tid, cost = matched[i]
+                t = self.tracks[tid]
+                dt = float(time_s - t.times_s[-1])
+                disp = curve_displacement(t.curve, c)
+                shift = c.centroid - t.curve.centroid
+                vel = disp / dt if dt > 0 else None
+                speed = float(np.linalg.norm(disp) / dt) if dt > 0 else None
+                step = TrackStep(i, tid, "continued", cost, dt, disp, shift, vel, speed)
+                t.displacements_nm.append(disp)
+                if speed is not None:
+                    t.speeds_nm_s.append(speed)
+            else:
+                tid = self.next_id
+                self.next_id += 1
+                t = self.tracks[tid] = Track(tid)
+                step = TrackStep(i, tid, "new")
+            if c is not None:
+                t.curve = c
+                t.centroids_nm.append(c.centroid)
+                t.lengths_nm.append(c.length)
+            t.scans.append(int(scan))
+            t.times_s.append(float(time_s))
+            t.missed = 0
+            seen.add(tid)
+            steps.append(step)
+        for t in self.active:
+            if t.id not in seen:
+                t.missed += 1
+                if t.missed > self.max_missed:
+                    t.ended = True
+        self.history.append({"scan": int(scan), "time_s": float(time_s), "steps": [s.to_json_dict() for s in steps]})
+        return steps
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Every track so far (ended ones too), as JSON-ready dicts."""
+        return [t.to_json_dict() for t in sorted(self.tracks.values(), key=lambda t: t.id)]

@@ -1,0 +1,123 @@
+"""In-situ tracking of 3D dislocation lines: stable identities, displacement and velocity on
+series of known motion (pure translated curves, and the simulator's own gliding lines)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from livestereo.compute.tracking import LineTracker
+
+
+def _line(p0, p1, n=200):
+    s = np.linspace(0, 1, n)[:, None]
+    return np.asarray(p0, float) + s * (np.asarray(p1, float) - np.asarray(p0, float))
+
+
+def _perp(v, u):
+    u = np.asarray(u, float) / np.linalg.norm(u)
+    return np.asarray(v, float) - np.dot(v, u) * u
+
+
+def test_translated_curves_keep_ids_and_give_velocity():
+    a = _line([10, 20, -30], [50, 25, 30])
+    b = _line([60, 10, -10], [60, 60, 10])
+    arc = np.column_stack([20 + 15 * np.cos(np.linspace(0, np.pi, 300)), 70 + 15 * np.sin(np.linspace(0, np.pi, 300)),
+                           np.linspace(-20, 20, 300)])
+    va, vb, vc = np.array([0.0, 3.0, 0.0]), np.array([-2.0, 0.0, 0.0]), np.array([0.0, 0.0, 0.0])
+    tr = LineTracker(max_distance_nm=10.0)
+    dt = 4.0
+    ids = None
+    for k in range(5):
+        curves = [a + k * va, b + k * vb, arc + k * vc]
+        order = [2, 0, 1] if k % 2 else [0, 1, 2]  # the detector's line order changes from scan to scan
+        steps = tr.update(k, 100.0 + k * dt, [curves[i] for i in order])
+        by_truth = {order[s.line_index]: s for s in steps}
+        if ids is None:
+            ids = {i: by_truth[i].track_id for i in range(3)}
+            assert all(s.status == "new" for s in steps) and len(set(ids.values())) == 3
+            continue
+        for i, s in by_truth.items():
+            assert s.track_id == ids[i] and s.status == "continued"
+            assert s.dt_s == pytest.approx(dt)
+        # the perpendicular part of the motion (motion along a line is not observable)
+        np.testing.assert_allclose(by_truth[0].displacement_nm, _perp(va, a[-1] - a[0]), atol=1e-6)
+        np.testing.assert_allclose(by_truth[1].velocity_nm_s, _perp(vb, b[-1] - b[0]) / dt, atol=1e-6)
+        assert by_truth[1].speed_nm_s == pytest.approx(2.0 / dt)
+        assert by_truth[2].speed_nm_s == pytest.approx(0.0, abs=1e-9)
+    summary = {t["track_id"]: t for t in tr.summary()}
+    assert summary[ids[1]]["scans"] == [0, 1, 2, 3, 4] and not summary[ids[1]]["ended"]
+    np.testing.assert_allclose(summary[ids[1]]["mean_velocity_nm_s"], [-0.5, 0, 0], atol=1e-6)
+
+
+def test_new_lines_get_new_ids_and_lost_tracks_end():
+    a = _line([0, 0, 0], [40, 0, 0])
+    far = _line([0, 80, 0], [40, 80, 0])
+    tr = LineTracker(max_distance_nm=5.0, max_missed=1)
+    (s0,) = tr.update(0, 0.0, [a])
+    s1 = tr.update(1, 1.0, [a + [0, 1, 0], far])
+    assert s1[0].track_id == s0.track_id and s1[1].status == "new" and s1[1].track_id != s0.track_id
+    # a jump beyond the gate is a new line, not a continuation
+    s2 = tr.update(2, 2.0, [a + [0, 20, 0]])
+    assert s2[0].status == "new" and s2[0].track_id not in (s0.track_id, s1[1].track_id)
+    tr.update(3, 3.0, [a + [0, 20, 0]])
+    ended = {t["track_id"]: t["ended"] for t in tr.summary()}
+    assert ended[s0.track_id] and ended[s1[1].track_id] and not ended[s2[0].track_id]
+    # a track missed for one scan (max_missed=1) is still continued
+    tr2 = LineTracker(max_distance_nm=5.0, max_missed=1)
+    (t0,) = tr2.update(0, 0.0, [a])
+    tr2.update(1, 1.0, [])
+    (t2,) = tr2.update(2, 2.0, [a + [0, 2, 0]])
+    assert t2.track_id == t0.track_id and t2.dt_s == 2.0
+    np.testing.assert_allclose(t2.velocity_nm_s, [0, 1, 0], atol=1e-9)
+
+
+def test_partial_line_matches_its_track_without_changing_it():
+    a = _line([0, 0, 0], [60, 0, 0], 400)
+    tr = LineTracker(max_distance_nm=5.0)
+    (s0,) = tr.update(0, 0.0, [a])
+    half = a[:150] + [0, 1.5, 0]  # a snapshot: only part of the line scanned so far
+    (tid, cost), = tr.match([half])
+    assert tid == s0.track_id and cost < 5.0
+    np.testing.assert_allclose(tr.displacement(tid, half), [0, 1.5, 0], atol=1e-6)
+    assert tr.tracks[tid].scans == [0]  # match() does not update
+
+
+def test_simulated_in_situ_series_identities_and_glide_velocity():
+    """The simulator's gliding lines (jerky motion, drift): every line keeps one track id, and
+    the velocity of the straight ones equals the truth (perpendicular part of glide + drift)."""
+    from livestereo.sim.config import SimConfig
+    from livestereo.sim.simulator import Simulator
+
+    cfg = SimConfig(seed=4, scan_shape=(64, 64), n_dislocations=5, repeat=6, glide_velocity_nm_per_scan=3.0,
+                    thickness_nm=150.0, material="gamma-TiAl", zone_axis=(1, 1, 0), drift_nm_per_scan=(0.3, -0.2),
+                    frame_time_s=2e-4)
+    sim = Simulator(cfg)
+    scan_s = cfg.scan_shape[0] * cfg.scan_shape[1] * cfg.frame_time_s  # back-to-back scans
+    tr = LineTracker(max_distance_nm=15.0)
+    track_of: dict[int, int] = {}
+    checked = 0
+    for s in range(cfg.repeat):
+        scene = sim.scene_at(s)
+        truth = sim.truth(s) if s == 0 else None
+        if truth is not None:
+            assert truth["ids"] == scene.ids
+        dis = [d for d in scene.dislocations if len(d.points_nm) >= 2]
+        steps = tr.update(s, (s + 0.5) * scan_s, [d.points_nm for d in dis], [d.closed for d in dis])
+        for d, st in zip(dis, steps):
+            if d.id not in track_of:
+                assert s == 0, f"dislocation {d.id} got a new track in scan {s}"
+                track_of[d.id] = st.track_id
+                continue
+            assert st.track_id == track_of[d.id], f"scan {s}: dislocation {d.id} changed identity"
+            assert st.dt_s == pytest.approx(scan_s)
+            if d.kind == "straight":
+                prev = sim.scene_at(s - 1).by_id(d.id)
+                dq = d.params["q"] - prev.params["q"]
+                move = dq * d.params["m"] + np.array([*cfg.drift_nm_per_scan, 0.0])
+                expected = _perp(move, d.params["u"]) / scan_s
+                np.testing.assert_allclose(st.velocity_nm_s, expected, atol=0.02 * np.linalg.norm(expected) + 1e-3)
+                assert 0.3 * cfg.glide_velocity_nm_per_scan / scan_s < st.speed_nm_s < 3 * cfg.glide_velocity_nm_per_scan / scan_s
+                checked += 1
+    assert len(set(track_of.values())) == len(track_of) == 5
+    assert checked >= 8, checked
