@@ -213,3 +213,15 @@ def test_train_command_registered():
 
     args = build_parser().parse_args(["train", "stereo", "--steps", "3", "--resume"])
     assert args.model == "stereo" and args.steps == 3 and args.resume
+
+
+def test_worker_processes_feed_the_same_batches(tmp_path):
+    """Batches made in DataLoader workers are those of the inline loop: same losses."""
+    common = dict(size=32, batch_pairs=1, base_channels=4, levels=2, threads=0, warmup_steps=1, steps=3,
+                  checkpoint_every=10)
+    inline = DetectorTrainConfig(checkpoint=str(tmp_path / "a.ckpt"), out=str(tmp_path / "a.pt"), **common)
+    pooled = DetectorTrainConfig(checkpoint=str(tmp_path / "b.ckpt"), out=str(tmp_path / "b.pt"), workers=2, **common)
+    h_inline = train_detector(inline, progress=False)["history"]
+    h_pooled = train_detector(pooled, progress=False)["history"]
+    assert len(h_pooled) == 3
+    np.testing.assert_allclose(h_inline, h_pooled, rtol=1e-5)

@@ -68,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_toml(config, model_cls, overrides)
     fn = tr.train_detector if args.model == "detector" else tr.train_stereo
     result = fn(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"{args.model}: {cfg.steps} steps, final loss {result['final_loss']:.4f} (mean of the last 50), "
+    print(f"{args.model}: {len(result['history'])} steps, final loss {result['final_loss']:.4f} (mean of the last 50), "
           f"{result['wall_s']:.0f} s; weights -> {result['out']}")
     return 0

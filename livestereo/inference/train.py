@@ -9,6 +9,7 @@ in the package) with :func:`livestereo.inference.weights.save_weights`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -48,10 +49,16 @@ class _Common(BaseModel):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
     threads: int = Field(1, ge=0, description="torch CPU threads (0: leave torch's default)")
+    workers: int = Field(0, ge=0, description="processes generating synthetic batches ahead of the optimiser "
+                         "(0: in the training loop); every batch still comes from its own (seed, step), so "
+                         "the data, and the weights up to float rounding, do not depend on it")
     checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
     checkpoint: str = Field("out/checkpoints/train.ckpt", description="checkpoint file (resume reads it)")
     out: str = Field("livestereo/weights/model.pt", description="final weights file")
     synth: dict[str, Any] = Field(default_factory=dict, description="SynthParams overrides (ranges as [lo, hi])")
+    max_seconds: float | None = Field(None, gt=0, description="time budget (s): stop after it and write the "
+                                      "weights; the cosine decay then follows whichever of steps or time runs "
+                                      "out first (so the run is no longer bit-reproducible)")
     init_weights: str | None = Field(None, description="start from these weights (a fine-tuning phase); the "
                                      "architecture keys must match")
 
@@ -134,14 +141,21 @@ def detector_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float 
     return bce + dice_weight * dice
 
 
-def stereo_batch(step_seed: tuple[int, int], cfg: StereoTrainConfig, detector: torch.nn.Module | None,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(view A (n, 2, S, S), view B (n, 2, S, S), disparity target (n, 1, S, S), NaN off-line)."""
+def stereo_data(step_seed: tuple[int, int], cfg: StereoTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(views (n, 2, S, S), disparity target (n, 1, S, S), NaN off-line) for one step, on the CPU."""
     rng = np.random.default_rng(step_seed)
     sp = cfg.synth_params()
     pairs = [make_pair(rng, sp) for _ in range(cfg.batch_pairs)]
-    v = torch.from_numpy(np.stack([q["views"] for q in pairs])).to(device)  # (n, 2, S, S)
-    d = torch.from_numpy(np.stack([q["disparity"] for q in pairs]))[:, None].to(device)
+    v = torch.from_numpy(np.stack([q["views"] for q in pairs]))
+    d = torch.from_numpy(np.stack([q["disparity"] for q in pairs]))[:, None]
+    return v, d
+
+
+def stereo_inputs(v: torch.Tensor, d: torch.Tensor, detector: torch.nn.Module | None,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(view A (n, 2, S, S), view B (n, 2, S, S), target) on ``device``: each view with its
+    detection probability (or a zero channel) as the second channel."""
+    v, d = v.to(device), d.to(device)
     n, _, S, _ = v.shape
     if detector is not None:
         with torch.no_grad():
@@ -151,6 +165,39 @@ def stereo_batch(step_seed: tuple[int, int], cfg: StereoTrainConfig, detector: t
     a = torch.stack([v[:, 0], prob[:, 0]], dim=1)
     b = torch.stack([v[:, 1], prob[:, 1]], dim=1)
     return a, b, d
+
+
+def stereo_batch(step_seed: tuple[int, int], cfg: StereoTrainConfig, detector: torch.nn.Module | None,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(view A (n, 2, S, S), view B (n, 2, S, S), disparity target (n, 1, S, S), NaN off-line)."""
+    return stereo_inputs(*stereo_data(step_seed, cfg), detector, device)
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Batch i is ``make((seed, start + i))``: the same data whichever process makes it."""
+
+    def __init__(self, make, seed: int, start: int, stop: int):
+        self.make, self.seed, self.start, self.stop = make, seed, start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, i: int):
+        return self.make((self.seed, self.start + i))
+
+
+def _batches(make, cfg: _Common, start: int):
+    """Batches of steps start..cfg.steps-1, in order, from ``cfg.workers`` processes or inline."""
+    if cfg.workers <= 0:
+        return (make((cfg.seed, step)) for step in range(start, cfg.steps))
+    loader = torch.utils.data.DataLoader(_StepBatches(make, cfg.seed, start, cfg.steps), batch_size=None,
+                                         shuffle=False, num_workers=cfg.workers, prefetch_factor=4,
+                                         worker_init_fn=_worker_init)
+    return iter(loader)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
 
 
 def stereo_loss(out: dict[str, Any], target: torch.Tensor, coarse_weight: float = 0.5, sigma_weight: float = 0.1) -> torch.Tensor:
@@ -170,17 +217,21 @@ def stereo_loss(out: dict[str, Any], target: torch.Tensor, coarse_weight: float 
     return loss
 
 
-def _lr_lambda(cfg: _Common):
+def _lr_lambda(cfg: _Common, elapsed_fraction=lambda: 0.0):
+    """Linear warm-up, then cosine decay to 2 % over the remaining steps, or over the time
+    budget when ``elapsed_fraction()`` (share of cfg.max_seconds spent) is further along."""
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        q = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        q = max((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps), elapsed_fraction())
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(q, 1.0)))
     return f
 
 
-def _run(kind: str, cfg: _Common, model: torch.nn.Module, arch: dict, batch_fn, loss_fn, resume: bool,
+def _run(kind: str, cfg: _Common, model: torch.nn.Module, arch: dict, make_batch, prepare, loss_fn, resume: bool,
          progress: bool, stop_at: int | None = None) -> dict[str, Any]:
+    """Optimise ``model``: step i trains on ``prepare(make_batch((seed, i)))`` (make_batch runs on the
+    CPU, in worker processes when cfg.workers > 0; prepare moves to the device)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = _device()
@@ -190,7 +241,12 @@ def _run(kind: str, cfg: _Common, model: torch.nn.Module, arch: dict, batch_fn, 
         log.info("%s: initialised from %s", kind, cfg.init_weights)
     model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    clock = {"t0": time.perf_counter()}
+
+    def elapsed_fraction() -> float:
+        return (time.perf_counter() - clock["t0"]) / cfg.max_seconds if cfg.max_seconds else 0.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, elapsed_fraction))
     ckpt = Path(cfg.checkpoint)
     start = 0
     history: list[float] = []
@@ -213,12 +269,14 @@ def _run(kind: str, cfg: _Common, model: torch.nn.Module, arch: dict, batch_fn, 
         tmp.replace(ckpt)
 
     model.train()
-    t0 = time.perf_counter()
+    t0 = clock["t0"] = time.perf_counter()
     ema = None
+    steps_done = start
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {kind}", disable=not progress,
                dynamic_ncols=True)
-    for step in bar:
-        loss = loss_fn(model, batch_fn((cfg.seed, step)))
+    batches = _batches(make_batch, cfg, start)
+    for step, batch in zip(bar, batches):
+        loss = loss_fn(model, prepare(batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -228,15 +286,21 @@ def _run(kind: str, cfg: _Common, model: torch.nn.Module, arch: dict, batch_fn, 
         history.append(v)
         ema = v if ema is None else 0.98 * ema + 0.02 * v
         bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        steps_done = step + 1
+        out_of_time = cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
             save_ckpt(step + 1)
+        if out_of_time:
+            log.info("%s: time budget of %.0f s spent after step %d of %d", kind, cfg.max_seconds, step + 1, cfg.steps)
+            break
         if stop_at is not None and step + 1 >= stop_at:  # simulated interruption (tests)
             bar.close()
             return {"history": history, "final_loss": float("nan"), "wall_s": time.perf_counter() - t0,
                     "out": None, "model": model}
     wall = time.perf_counter() - t0
     final = float(np.mean(history[-50:])) if history else float("nan")
-    meta = {"steps": cfg.steps, "seed": cfg.seed, "final_loss": final, "wall_s_last_run": wall, "device": str(dev),
+    bar.close()
+    meta = {"steps": steps_done, "steps_planned": cfg.steps, "seed": cfg.seed, "final_loss": final, "wall_s_last_run": wall, "device": str(dev),
             "config": cfg.model_dump_json()}
     if cfg.out:
         save_weights(cfg.out, kind, arch, model.cpu(), meta)
@@ -254,14 +318,14 @@ def train_detector(cfg: DetectorTrainConfig, resume: bool = False, progress: boo
     model = UNet(**arch)
     dev = _device()
 
-    def batch_fn(seed):
-        x, y = detector_batch(seed, cfg)
-        return x.to(dev), y.to(dev)
+    def prepare(b):
+        return b[0].to(dev), b[1].to(dev)
 
     def loss_fn(m, b):
         return detector_loss(m(b[0]), b[1], cfg.pos_weight, cfg.dice_weight)
 
-    return _run("detector", cfg, model, arch, batch_fn, loss_fn, resume, progress, stop_at)
+    make = functools.partial(detector_batch, cfg=cfg)
+    return _run("detector", cfg, model, arch, make, prepare, loss_fn, resume, progress, stop_at)
 
 
 def train_stereo(cfg: StereoTrainConfig, resume: bool = False, progress: bool = True,
@@ -283,11 +347,12 @@ def train_stereo(cfg: StereoTrainConfig, resume: bool = False, progress: bool = 
         for p in detector.parameters():
             p.requires_grad_(False)
 
-    def batch_fn(seed):
-        return stereo_batch(seed, cfg, detector, dev)
+    def prepare(b):
+        return stereo_inputs(b[0], b[1], detector, dev)
 
     def loss_fn(m, b):
         a, bb, d = b
         return stereo_loss(m(a, bb), d, cfg.coarse_weight, cfg.sigma_weight)
 
-    return _run("stereo", cfg, model, arch, batch_fn, loss_fn, resume, progress, stop_at)
+    make = functools.partial(stereo_data, cfg=cfg)
+    return _run("stereo", cfg, model, arch, make, prepare, loss_fn, resume, progress, stop_at)
