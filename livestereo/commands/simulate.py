@@ -71,16 +71,18 @@ def _unflatten(flat: dict) -> dict:
 
 
 def scan_sources(sim, cfg, cycle: int | None):
-    """(scan, chunks) pairs: generated per scan, or scan 0 precomputed and cycled."""
+    """(scan, chunks) pairs: generated per scan, or scan 0 precomputed (now, before the start
+    message goes out, so a receiver never waits on it) and cycled."""
     fpm = getattr(cfg, "frames_per_message", 64)
     if cycle:
         frames = sim.precompute_scan(0)
-        for scan in range(cycle):
-            yield scan, ((i, frames[i:i + fpm]) for i in range(0, len(frames), fpm))
-        return
-    n = cfg.repeat
+        return ((scan, ((i, frames[i:i + fpm]) for i in range(0, len(frames), fpm))) for scan in range(cycle))
+    return _generated_scans(sim, cfg.repeat)
+
+
+def _generated_scans(sim, repeat: int):
     scan = 0
-    while n == 0 or scan < n:
+    while repeat == 0 or scan < repeat:
         yield scan, sim.scan_frames(scan)
         scan += 1
 

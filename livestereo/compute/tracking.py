@@ -64,6 +64,8 @@ class _Curve:
             self.end[:k] = True
             self.end[-k:] = True
         self.centroid = self.dense.mean(axis=0)
+        scaled = self.dense * self.scale
+        self.lo, self.hi = scaled.min(axis=0), scaled.max(axis=0)
         self.length = float(np.sum(np.linalg.norm(np.diff(self.dense, axis=0), axis=1))) if n > 1 else 0.0
 
     def nearest(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -223,8 +225,9 @@ class LineTracker:
             if c is None:
                 continue
             for j, t in enumerate(tracks):
-                if np.linalg.norm((c.centroid - t.curve.centroid)[:2]) > gate + 0.5 * (c.length + t.curve.length):
-                    continue  # cannot be within the gate anywhere
+                gap = np.maximum(0.0, np.maximum(c.lo - t.curve.hi, t.curve.lo - c.hi))
+                if np.linalg.norm(gap) > gate:
+                    continue  # bounding boxes farther apart than the gate: no point can be within it
                 dab, dba = curve_distance(c, t.curve)
                 if min(dab, dba) <= gate:
                     cost[i, j] = 0.5 * (dab + dba)

@@ -88,6 +88,18 @@ class DaemonConfig(BaseModel):
     """Least time between two live analyses of snapshots (s); 0: back to back. Caps the CPU
     live inference takes from ingest on small machines; finished scans are always analysed."""
 
+    live_niceness: int = Field(default=10, ge=0, le=19)
+    """Added to the nice value of the threads analysing live snapshots (Linux): on a busy
+    machine ingest (and a sender on the same machine) come first and live results come later,
+    never the other way round. Finished scans are analysed at normal priority."""
+
+    final_niceness: int = Field(default=0, ge=0, le=19)
+    """Added to the nice value of the results writer, which reconstructs each finished scan
+    and writes its files (Linux). 0: the finished scan's 3D result comes first (lowest
+    latency); 5: when scans finish faster than they can be reconstructed (a replay at full
+    speed on a small machine), ingest keeps more of its pace and the results follow, in order
+    (tools/bench_live.py: ingest 0.66x -> 0.79x of the bare daemon, latency 290 -> 410 ms)."""
+
     detector_weights: Path | None = None
     """Detection network weights (default: the shipped livestereo/weights/detector.pt)."""
 

@@ -13,9 +13,10 @@ An analysis is any object with
 - ``applies(snap) -> bool``: whether it runs on this run's images;
 - ``analyse(snap) -> result``: on the newest snapshot, in its worker thread;
 - ``on_scan(scan) -> result | None``: on each finished scan, in the results writer's
-  thread, after ``scan_NNNN.h5`` was written (open it with ``"a"`` to add to it);
+  thread, before anything is written, so the result is published as soon as it exists;
 
-and optionally ``prepare()`` (called before the ingest loop starts, e.g. to load models;
+and optionally ``write_result(scan, result, path)`` (adds the result to ``scan_NNNN.h5``,
+open with ``"a"``, once that file is written), ``prepare()`` (called before the ingest loop starts, e.g. to load models;
 a failure is logged, never fatal), ``min_interval_s`` (least time between two live
 analyses), ``on_result(snap, result, latency_s)``, ``message(snap, result, latency_s) ->
 (data, arrays, ids)`` (its live-stream message; None: nothing to send),
@@ -36,11 +37,12 @@ from typing import Any, Callable
 from livestereo.daemon.config import DaemonConfig
 from livestereo.daemon.ingest import Ingest
 from livestereo.daemon.live import scan_done_message, snapshot_message
+from livestereo.daemon.memory import release_free_memory, tune_malloc
 from livestereo.daemon.latest import Latest
 from livestereo.daemon.products import ScanImages
 from livestereo.daemon.results import scan_path, write_run_summary, write_scan
 from livestereo.daemon.status import StatusLine
-from livestereo.daemon.worker import LatestWorker
+from livestereo.daemon.worker import LatestWorker, lower_thread_priority
 from livestereo.protocol.codec import encode
 from livestereo.protocol.source import Source
 
@@ -52,15 +54,18 @@ ScanSink = Callable[[ScanImages], None]
 class ResultsWriter(threading.Thread):
     """Writes each finished scan to HDF5 and each run summary to JSON, off the ingest thread.
 
-    After a scan's file is written, the ``scan_sinks`` run, then every analysis' ``on_scan``
-    (errors logged and counted in ``analysis_errors``, never fatal), then ``on_scan_done``
-    (the daemon publishes ``scan_done``).
+    Per finished scan: every analysis' ``on_scan`` and ``on_analysis`` (the daemon publishes
+    the result: latency matters), then the scan's HDF5 file, the ``scan_sinks`` and every
+    analysis' ``write_result``, then ``on_scan_done`` (the daemon publishes ``scan_done``).
+    Analysis errors are logged and counted in ``analysis_errors``, never fatal.
     """
 
     def __init__(self, output_dir: Path, scan_sinks: list[ScanSink] | None = None, *, analyses: list | None = None,
                  on_analysis: Callable[[Any, ScanImages, Any, float], None] | None = None,
-                 on_scan_done: Callable[[ScanImages, Path | None, dict], None] | None = None):
+                 on_scan_done: Callable[[ScanImages, Path | None, dict], None] | None = None,
+                 niceness: int = 0):
         super().__init__(name="livestereo-results", daemon=True)
+        self.niceness = niceness
         self.output_dir = Path(output_dir)
         self.scan_sinks = list(scan_sinks or [])
         self.analyses = list(analyses or [])
@@ -74,6 +79,7 @@ class ResultsWriter(threading.Thread):
         """run id -> per finished scan: {"scan", "hdf5", "complete", <analysis name>: summary}."""
 
     def run(self) -> None:
+        lower_thread_priority(self.niceness)
         while True:
             item = self.queue.get()
             if item is None:
@@ -103,6 +109,28 @@ class ResultsWriter(threading.Thread):
                 log.exception("could not write %s results", kind)
 
     def _scan(self, scan: ScanImages) -> None:
+        extra: dict[str, Any] = {}
+        summaries: dict[str, Any] = {}
+        results: list[tuple[Any, Any]] = []
+        for a in self.analyses:
+            try:
+                if not a.applies(scan):
+                    continue
+                t0 = time.perf_counter()
+                result = a.on_scan(scan)
+                latency = time.perf_counter() - t0
+                if result is None:
+                    continue
+                results.append((a, result))
+                fn = getattr(a, "scan_summary", None)
+                summary = fn(scan, result) if fn is not None else None
+                if summary:
+                    summaries[a.name] = summary
+                    extra.update({k: v for k, v in summary.items() if k in ("n_lines", "tracks", "n_particles")})
+                if self.on_analysis is not None:
+                    self.on_analysis(a, scan, result, latency)
+            except Exception as exc:  # an analysis never stops the results or acquisition
+                self._analysis_failed(a, scan, exc)
         path: Path | None = None
         try:
             path = write_scan(scan, scan_path(self.output_dir, scan.run_id, scan.scan))
@@ -113,34 +141,29 @@ class ResultsWriter(threading.Thread):
         except Exception:
             self.errors += 1
             log.exception("could not write scan results")
-        entry: dict[str, Any] = {"scan": scan.scan, "hdf5": path.name if path else None, "complete": scan.complete}
-        extra: dict[str, Any] = {}
-        for a in self.analyses:
-            try:
-                if not a.applies(scan):
+        if path is not None:
+            for a, result in results:
+                fn = getattr(a, "write_result", None)
+                if fn is None:
                     continue
-                t0 = time.perf_counter()
-                result = a.on_scan(scan)
-                latency = time.perf_counter() - t0
-                if result is None:
-                    continue
-                fn = getattr(a, "scan_summary", None)
-                summary = fn(scan, result) if fn is not None else None
-                if summary:
-                    entry[a.name] = summary
-                    extra.update({k: v for k, v in summary.items() if k in ("n_lines", "tracks", "n_particles")})
-                if self.on_analysis is not None:
-                    self.on_analysis(a, scan, result, latency)
-            except Exception as exc:  # an analysis never stops the results or acquisition
-                self.analysis_errors += 1
-                log.error("run %s scan %d: %s analysis failed: %s", scan.run_id, scan.scan, a.name, exc,
-                          exc_info=self.analysis_errors <= 3)
+                try:
+                    fn(scan, result, path)
+                except Exception as exc:
+                    self._analysis_failed(a, scan, exc)
+        release_free_memory()  # a long series must not creep up (livestereo.daemon.memory)
+        entry: dict[str, Any] = {"scan": scan.scan, "hdf5": path.name if path else None, "complete": scan.complete,
+                                 **summaries}
         self.scan_results.setdefault(scan.run_id, []).append(entry)
         if self.on_scan_done is not None:
             try:
                 self.on_scan_done(scan, path, extra)
             except Exception:
                 log.exception("scan_done hook failed")
+
+    def _analysis_failed(self, a, scan: ScanImages, exc: Exception) -> None:
+        self.analysis_errors += 1
+        log.error("run %s scan %d: %s analysis failed: %s", scan.run_id, scan.scan, a.name, exc,
+                  exc_info=self.analysis_errors <= 3)
 
     def stop(self) -> None:
         self.queue.put(None)
@@ -154,6 +177,7 @@ class Daemon:
                  status: StatusLine | None = None, analyses: list | None = None, publisher=None):
         self.cfg = cfg
         self.source = source
+        tune_malloc()
         self.snapshots: Latest[ScanImages] = Latest()
         self.analyses: list = list(analyses or [])
         if cfg.particles and not any(getattr(a, "name", None) == "particles" for a in self.analyses):
@@ -170,11 +194,13 @@ class Daemon:
         for a in self.analyses:
             w = LatestWorker(a.name, a.analyse, accept=a.applies, on_result=self._result_hook(a),
                              prepare=getattr(a, "prepare", None),
-                             min_interval_s=float(getattr(a, "min_interval_s", 0.0) or 0.0))
+                             min_interval_s=float(getattr(a, "min_interval_s", 0.0) or 0.0),
+                             niceness=cfg.live_niceness)
             self.workers.append(w)
             self._worker_of[a.name] = w
         self.writer = ResultsWriter(cfg.output_dir, scan_sinks, analyses=self.analyses,
-                                    on_analysis=self._on_final_analysis, on_scan_done=self._on_scan_done)
+                                    on_analysis=self._on_final_analysis, on_scan_done=self._on_scan_done,
+                                    niceness=cfg.final_niceness)
         self.runs_ended: list[dict] = []
         self.ingest = Ingest(
             cfg.layout, cfg.limits, disc_frames=cfg.disc_frames, snapshot_interval_s=cfg.snapshot_interval_s,

@@ -18,7 +18,6 @@ from livestereo.compute.particles.params import ParticleParams, load_particle_co
 from livestereo.compute.particles.pipeline import reconstruct_particles, resolve_segment_angles
 from livestereo.compute.particles.table import ParticleTable, write_particle_table
 from livestereo.daemon.products import ScanImages
-from livestereo.daemon.results import scan_path
 
 log = logging.getLogger("livestereo.particles")
 
@@ -49,7 +48,7 @@ class ParticleAnalysis:
         return reconstruct_particles(result.images, result.valid, angles, result.calibration.scan_step_nm, self.params)
 
     def on_scan(self, result: ScanImages) -> ParticleTable | None:
-        """The finished scan's particle table into its HDF5 file and a CSV beside it."""
+        """The finished scan's particle table (:meth:`write_result` writes it)."""
         if not self.applies(result):
             return None
         try:
@@ -58,7 +57,10 @@ class ParticleAnalysis:
             log.warning("run %s scan %d: no particle reconstruction: %s", result.run_id, result.scan, exc)
             return None
         self.tables[(result.run_id, result.scan)] = table
-        h5_path = scan_path(self.output_dir, result.run_id, result.scan)
+        return table
+
+    def write_result(self, result: ScanImages, table: ParticleTable, h5_path: Path) -> None:
+        """The table into the scan's HDF5 file (group ``/particles``) and a CSV beside it."""
         csv_path = h5_path.with_name(h5_path.stem + "_particles.csv")
         with h5py.File(h5_path, "a") as f:
             write_particle_table(table, f.require_group("particles"), csv_path)
@@ -67,7 +69,6 @@ class ParticleAnalysis:
                  result.run_id, result.scan, len(table), flagged,
                  float(table.z_nm.min()) if len(table) else float("nan"),
                  float(table.z_nm.max()) if len(table) else float("nan"), csv_path)
-        return table
 
     @staticmethod
     def on_result(snap: ScanImages, table: ParticleTable, latency_s: float) -> None:

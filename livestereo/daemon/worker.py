@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -11,6 +12,18 @@ from livestereo.daemon.latest import Latest
 from livestereo.daemon.products import ScanImages
 
 log = logging.getLogger("livestereo.worker")
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Raise the calling thread's nice value by ``niceness`` (Linux: per thread; elsewhere a
+    no-op): when the CPU is short, ingest and the sender come first and analyses wait."""
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + int(niceness)))
+    except OSError as exc:  # not permitted here: run at normal priority
+        log.debug("cannot lower the priority of %s: %s", threading.current_thread().name, exc)
 
 
 class LatestWorker(threading.Thread):
@@ -23,7 +36,7 @@ class LatestWorker(threading.Thread):
 
     def __init__(self, name: str, analyse: Callable[[ScanImages], Any], *, accept: Callable[[ScanImages], bool] | None = None,
                  on_result: Callable[[ScanImages, Any, float], None] | None = None,
-                 prepare: Callable[[], None] | None = None, min_interval_s: float = 0.0):
+                 prepare: Callable[[], None] | None = None, min_interval_s: float = 0.0, niceness: int = 0):
         super().__init__(name=f"livestereo-{name}", daemon=True)
         self.slot: Latest[ScanImages] = Latest()
         self.analyse = analyse
@@ -32,6 +45,8 @@ class LatestWorker(threading.Thread):
         self.prepare = prepare
         self.min_interval_s = float(min_interval_s)
         """Least time between the starts of two analyses (s): caps the CPU the worker takes."""
+        self.niceness = int(niceness)
+        """Added to this thread's nice value (Linux): ingest keeps priority on a busy machine."""
         self.latest: tuple[ScanImages, Any, float] | None = None
         self.done = 0
         self.errors = 0
@@ -42,6 +57,7 @@ class LatestWorker(threading.Thread):
         return self.slot.replaced
 
     def run(self) -> None:
+        lower_thread_priority(self.niceness)
         if self.prepare is not None:
             try:
                 self.prepare()

@@ -36,7 +36,6 @@ from livestereo.compute.tracking import LineTracker, TrackStep
 from livestereo.config import ConfigError
 from livestereo.daemon.live import bin_max, binning_for, ids_of, MAX_IMAGE_SIDE
 from livestereo.daemon.products import ScanImages
-from livestereo.daemon.results import scan_path
 from livestereo.inference.analysis import ViewSet, crystal_from, meta_get, process_viewset
 
 log = logging.getLogger("livestereo.dislocations")
@@ -82,7 +81,7 @@ class DislocationAnalysis:
     """Live and per-scan 3D dislocation reconstruction with in-situ tracking (see module doc).
 
     Args:
-        output_dir: the daemon's results folder (scan files are found with ``scan_path``).
+        output_dir: the daemon's results folder.
         thickness_nm, material: used when given, else the start metadata's ``thickness_nm``
             / ``material`` (and ``zone_axis``, ``g``, ``g_angle_deg`` for the orientation).
         threads: torch threads (``torch.set_num_threads``), keep a core for ingest.
@@ -113,7 +112,9 @@ class DislocationAnalysis:
         self.error: str | None = None
         """Why the analysis is disabled (e.g. missing weights), else None."""
         self._load_lock = threading.Lock()
-        self._run_lock = threading.Lock()   # one pipeline call at a time (live and final share it)
+        self._run_lock = threading.Lock()   # the trackers are shared by the live and the final path
+        self._finals_running = 0            # finished scans being analysed: live snapshots wait
+        self.live_skipped_for_final = 0
         self._crystal: dict[str, tuple[Any, Any]] = {}
         self._warned: set[tuple[str, str]] = set()
         self.trackers: dict[str, LineTracker] = {}
@@ -198,13 +199,19 @@ class DislocationAnalysis:
             if self.pipeline is None:
                 raise RuntimeError(f"dislocation inference unavailable: {self.error}")
         vs = self.viewset(snap)
-        with self._run_lock:
-            res, maps, secs = process_viewset(self.pipeline, vs, self.line_params)
+        # no lock: inference does not change the networks, so a finished scan (normal
+        # priority) never waits for a live snapshot's analysis (lower priority) to end
+        res, maps, secs = process_viewset(self.pipeline, vs, self.line_params)
         return vs, res, maps, secs
 
     # ------------------------------------------------------------------ live
     def analyse(self, snap: ScanImages) -> DislocationOutcome | None:
         """Rolling inference on a snapshot (None when too few rows are filled yet)."""
+        if self._finals_running:
+            # a finished scan is being reconstructed: its latency matters more than this
+            # partial view of the next scan, so leave it the CPU
+            self.live_skipped_for_final += 1
+            return None
         rows = int(np.count_nonzero(np.asarray(snap.valid).any(axis=1)))
         if rows < min(self.min_rows, snap.valid.shape[0]):
             return None
@@ -225,23 +232,30 @@ class DislocationAnalysis:
 
     # ------------------------------------------------------------------ final
     def on_scan(self, scan: ScanImages) -> DislocationOutcome | None:
-        """Reconstruct and track a finished scan; write ``/dislocations`` into its HDF5 file."""
-        vs, res, maps, secs = self._process(scan)
+        """Reconstruct and track a finished scan (:meth:`write_result` adds it to the scan's file)."""
+        with self._run_lock:
+            self._finals_running += 1
+        try:
+            vs, res, maps, secs = self._process(scan)
+        finally:
+            with self._run_lock:
+                self._finals_running -= 1
         t, clock = scan_time(scan, self.track_clock)
         tr = self.tracker(scan.run_id)
         with self._run_lock:
             steps = tr.update(scan.scan, t, [ln.points_nm for ln in res.lines], [ln.closed for ln in res.lines])
         out = DislocationOutcome(res, maps, secs, list(scan.layout.view_indices), vs.thickness_nm,
                                  [s.track_id for s in steps], [s.displacement_nm for s in steps], steps, t, clock)
-        path = scan_path(self.output_dir, scan.run_id, scan.scan)
-        if path.exists():
-            self._write(path, out, tr)
         moving = [s for s in steps if s.speed_nm_s is not None]
         log.info("run %s scan %d: %d dislocation line(s), %d tracked (%s), %d new; %.2f s inference",
                  scan.run_id, scan.scan, len(res.lines), len(moving),
                  ", ".join(f"#{s.track_id} {s.speed_nm_s:.3g} nm/s" for s in moving[:6]) or "-",
                  sum(1 for s in steps if s.status == "new"), secs.get("inference", 0.0))
         return out
+
+    def write_result(self, scan: ScanImages, out: DislocationOutcome, path: Path) -> None:
+        """``/dislocations`` (lines, maps, tracks) into the scan's HDF5 file."""
+        self._write(path, out, self.tracker(scan.run_id))
 
     def _write(self, path: Path, out: DislocationOutcome, tr: LineTracker) -> None:
         import h5py

@@ -76,7 +76,7 @@ def stream_scans(
     """
     sender.send_parts(encode_start(start))
     frames_sent = 0
-    t0 = time.perf_counter()
+    t0 = None  # pacing starts at the first frames message (generating scan 0 may take a while)
     reason = "complete"
     current = None
     try:
@@ -85,6 +85,8 @@ def stream_scans(
                 if current is not None and on_scan_sent is not None:
                     on_scan_sent(current, frames_sent)
                 current = scan
+            if t0 is None:
+                t0 = time.perf_counter()
             if rate_hz:
                 delay = t0 + frames_sent / rate_hz - time.perf_counter()
                 if delay > 0:

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
+VIEW_NICENESS = 5
+"""The window process runs this much nicer than the daemon: acquisition comes first on a
+busy machine; the window only redraws less often."""
 
 
 def connect_endpoint(bind_endpoint: str) -> str:
@@ -36,6 +39,13 @@ def has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
+def _lower_priority() -> None:
+    try:
+        os.nice(VIEW_NICENESS)
+    except OSError:
+        pass
+
+
 def launch_view(endpoint: str, snapshot_dir: Path | None = None, extra_args: Sequence[str] = (),
                 log_path: Path | None = None, snapshots: str = "auto") -> subprocess.Popen:
     """Start ``livestereo view --connect endpoint`` in its own process group; the Popen.
@@ -53,7 +63,8 @@ def launch_view(endpoint: str, snapshot_dir: Path | None = None, extra_args: Seq
     try:
         return subprocess.Popen(view_command(endpoint, snapshot_dir, extra_args), stdin=subprocess.DEVNULL,
                                 stdout=out if out is not None else subprocess.DEVNULL,
-                                stderr=out if out is not None else None, start_new_session=True)
+                                stderr=out if out is not None else None, start_new_session=True,
+                                preexec_fn=_lower_priority if hasattr(os, "nice") else None)
     finally:
         if out is not None:
             out.close()
