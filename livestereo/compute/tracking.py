@@ -187,7 +187,7 @@ class LineTracker:
     """
 
     def __init__(self, max_distance_nm: float = 15.0, *, z_weight: float = 1.0, max_missed: int = 1,
-                 spacing_nm: float = 0.5):
+                 spacing_nm: float = 1.0):
         if max_distance_nm <= 0 or spacing_nm <= 0 or z_weight < 0 or max_missed < 0:
             raise ValueError("max_distance_nm and spacing_nm must be > 0, z_weight and max_missed >= 0")
         self.max_distance_nm = float(max_distance_nm)
