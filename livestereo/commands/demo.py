@@ -46,7 +46,7 @@ def run(args) -> int:
     from livestereo.daemon.config import DaemonConfig
     from livestereo.daemon.daemon import Daemon
     from livestereo.transport.zmq_source import ZmqStreamSource
-    from livestereo.view.launch import launch_view, stop_view
+    from livestereo.view.launch import launch_view, stop_view, wait_for_last_snapshot
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def run(args) -> int:
     rc = daemon.run()
     sim_rc = sim.wait(timeout=120)
     if viewer is not None:
-        _let_view_finish(viewer, view_dir, daemon)
+        wait_for_last_snapshot(viewer, view_dir, daemon.runs_ended)
         stop_view(viewer)
     print("\nlivestereo demo finished." + (" (simulator exit code %d)" % sim_rc if sim_rc else ""))
     print(f"results folder: {out.resolve()}")
@@ -104,18 +104,6 @@ def run(args) -> int:
     if cfg.record is not None and cfg.record.exists():
         print(f"  recording: {cfg.record} (replay: livestereo replay {cfg.record} --speed max)")
     return rc or sim_rc
-
-
-def _let_view_finish(viewer, view_dir: Path, daemon, timeout_s: float = 10.0) -> None:
-    """Give a headless window time to draw the last scan (it writes scan_NNNN.png ~1 s after
-    each scan ends) before it is asked to close."""
-    if not daemon.runs_ended or not daemon.runs_ended[-1].get("scans"):
-        return
-    run = daemon.runs_ended[-1]
-    target = view_dir / str(run["run_id"]) / f"scan_{max(run['scans']):04d}.png"
-    t0 = time.monotonic()
-    while viewer.poll() is None and not target.exists() and time.monotonic() - t0 < timeout_s:
-        time.sleep(0.2)
 
 
 def _print_tracks(daemon) -> None:

@@ -164,7 +164,13 @@ def run(args) -> int:
             log.error("could not start the live window: %s", exc)
     rc = daemon.run()
     if viewer is not None and viewer.poll() is None:
-        log.info("the live window stays open (pid %d); close it when done", viewer.pid)
+        from livestereo.view.launch import has_display, stop_view, wait_for_last_snapshot
+
+        if has_display():
+            log.info("the live window stays open (pid %d); close it when done", viewer.pid)
+        else:  # headless snapshots: let it draw the last scan, then end it with the daemon
+            wait_for_last_snapshot(viewer, cfg.output_dir, daemon.runs_ended)
+            stop_view(viewer)
     for path in daemon.writer.written:
         print(f"result: {path}")
     return rc

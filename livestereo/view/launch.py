@@ -70,6 +70,24 @@ def launch_view(endpoint: str, snapshot_dir: Path | None = None, extra_args: Seq
             out.close()
 
 
+def wait_for_last_snapshot(proc: subprocess.Popen, snapshot_dir: Path, runs_ended: Sequence[dict],
+                           timeout_s: float = 10.0) -> bool:
+    """Give a headless window time to draw the last scan of the last run (it writes
+    ``<run id>/scan_NNNN.png`` about a second after each scan ends) before it is stopped.
+    ``runs_ended``: the daemon's run summaries (``run_id``, ``scans``). True when it was written."""
+    import time
+
+    if not runs_ended or not runs_ended[-1].get("scans"):
+        return False
+    run = runs_ended[-1]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(run["run_id"])).lstrip(".")
+    target = Path(snapshot_dir) / safe / f"scan_{max(run['scans']):04d}.png"
+    t0 = time.monotonic()
+    while proc.poll() is None and not target.exists() and time.monotonic() - t0 < timeout_s:
+        time.sleep(0.2)
+    return target.exists()
+
+
 def stop_view(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
     """Ask the window to finish (SIGTERM: headless writes its last snapshot), kill it if it does not; its exit code."""
     if proc.poll() is not None:
