@@ -98,7 +98,7 @@ class DaemonConfig(BaseModel):
     and writes its files (Linux). 0: the finished scan's 3D result comes first (lowest
     latency); 5: when scans finish faster than they can be reconstructed (a replay at full
     speed on a small machine), ingest keeps more of its pace and the results follow, in order
-    (tools/bench_live.py: ingest 0.66x -> 0.79x of the bare daemon, latency 290 -> 410 ms)."""
+    (tools/bench_live.py: ingest 0.72x -> 0.79x of the bare daemon, latency ~300 -> ~410 ms)."""
 
     detector_weights: Path | None = None
     """Detection network weights (default: the shipped livestereo/weights/detector.pt)."""
