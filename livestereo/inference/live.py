@@ -125,7 +125,7 @@ class DislocationAnalysis:
         return self.error is None
 
     def prepare(self) -> None:
-        """Load the networks once (called in the worker thread at start); a failure disables
+        """Load the networks once (the daemon calls it before ingest starts); a failure disables
         the analysis with a logged error, the daemon keeps acquiring and writing scans."""
         with self._load_lock:
             if self.pipeline is not None or self.error is not None:
