@@ -121,3 +121,14 @@ def test_simulated_in_situ_series_identities_and_glide_velocity():
                 checked += 1
     assert len(set(track_of.values())) == len(track_of) == 5
     assert checked >= 8, checked
+
+
+def test_in_plane_speed_is_the_xy_part_of_the_perpendicular_motion():
+    line = np.stack([np.linspace(0, 40, 41), np.zeros(41), np.zeros(41)], axis=1)  # along x
+    tr = LineTracker(max_distance_nm=10.0)
+    tr.update(0, 0.0, [line])
+    (step,) = tr.update(1, 2.0, [line + [0.0, 3.0, 4.0]])  # 3 nm in y, 4 nm in depth, in 2 s
+    assert step.speed_nm_s == pytest.approx(2.5)
+    assert step.speed_xy_nm_s == pytest.approx(1.5)
+    (summary,) = tr.summary()
+    assert summary["mean_speed_xy_nm_s"] == pytest.approx(1.5)

@@ -118,6 +118,7 @@ def _print_tracks(daemon) -> None:
                 continue
             print(f"  dislocations tracked in run {run.get('run_id')}:")
             for t in summary["tracks"]:
-                speed = t.get("mean_speed_nm_s")
-                speed_txt = f"mean speed {speed:.1f} nm/s" if speed is not None else "seen once"
+                speed, speed_xy = t.get("mean_speed_nm_s"), t.get("mean_speed_xy_nm_s")
+                speed_txt = (f"mean speed {speed:.1f} nm/s (in-plane {speed_xy:.1f} nm/s)" if speed is not None
+                             else "seen once")
                 print(f"    track {t['track_id']}: scans {t['first_scan']}-{t['last_scan']}, {speed_txt}")

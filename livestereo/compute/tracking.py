@@ -135,6 +135,9 @@ class TrackStep:
     centroid_shift_nm: np.ndarray | None = None
     velocity_nm_s: np.ndarray | None = None
     speed_nm_s: float | None = None
+    speed_xy_nm_s: float | None = None
+    """Length of the velocity's (x, y) part: the motion seen in the image plane, free of the
+    depth error that dominates ``speed_nm_s`` when lines move by a few nm per scan."""
 
     def to_json_dict(self) -> dict[str, Any]:
         def r(x, nd=4):
@@ -143,7 +146,7 @@ class TrackStep:
         return {"line_index": int(self.line_index), "track_id": int(self.track_id), "status": self.status,
                 "distance_nm": r(self.distance_nm), "dt_s": r(self.dt_s, 6), "displacement_nm": r(self.displacement_nm),
                 "centroid_shift_nm": r(self.centroid_shift_nm), "velocity_nm_s": r(self.velocity_nm_s),
-                "speed_nm_s": r(self.speed_nm_s)}
+                "speed_nm_s": r(self.speed_nm_s), "speed_xy_nm_s": r(self.speed_xy_nm_s)}
 
 
 @dataclasses.dataclass
@@ -158,6 +161,7 @@ class Track:
     displacements_nm: list[np.ndarray] = dataclasses.field(default_factory=list)
     """(3,) per continuation (one fewer than scans)."""
     speeds_nm_s: list[float] = dataclasses.field(default_factory=list)
+    speeds_xy_nm_s: list[float] = dataclasses.field(default_factory=list)
     ended: bool = False
     missed: int = 0
     curve: _Curve | None = dataclasses.field(default=None, repr=False)
@@ -169,6 +173,7 @@ class Track:
             "track_id": self.id, "scans": list(self.scans), "first_scan": self.scans[0], "last_scan": self.scans[-1],
             "ended": self.ended, "total_displacement_nm": np.round(disp, 4).tolist(),
             "mean_speed_nm_s": round(float(np.mean(self.speeds_nm_s)), 6) if self.speeds_nm_s else None,
+            "mean_speed_xy_nm_s": round(float(np.mean(self.speeds_xy_nm_s)), 6) if self.speeds_xy_nm_s else None,
             "mean_velocity_nm_s": np.round(disp / span, 6).tolist() if span > 0 else None,
             "lengths_nm": [round(float(x), 3) for x in self.lengths_nm],
         }
@@ -271,10 +276,12 @@ class LineTracker:
                 shift = c.centroid - t.curve.centroid
                 vel = disp / dt if dt > 0 else None
                 speed = float(np.linalg.norm(disp) / dt) if dt > 0 else None
-                step = TrackStep(i, tid, "continued", cost, dt, disp, shift, vel, speed)
+                speed_xy = float(np.linalg.norm(disp[:2]) / dt) if dt > 0 else None
+                step = TrackStep(i, tid, "continued", cost, dt, disp, shift, vel, speed, speed_xy)
                 t.displacements_nm.append(disp)
                 if speed is not None:
                     t.speeds_nm_s.append(speed)
+                    t.speeds_xy_nm_s.append(speed_xy)
             else:
                 tid = self.next_id
                 self.next_id += 1

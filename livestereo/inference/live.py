@@ -18,7 +18,7 @@ attr ``track_id``), ``maps/prob`` (K, ny, nx), ``maps/disparity``, ``maps/sigma_
 ``maps/dz_nm`` (ny, nx) float32, ``view_indices`` (K,) (detectors of ``/images`` used as
 views), and ``tracks``: datasets ``line_id``, ``track_id`` (L,) int64, ``status`` (L,) str
 ("new" | "continued"), ``displacement_nm`` and ``velocity_nm_s`` (L, 3) float64 (NaN for
-new tracks), ``speed_nm_s``, ``dt_s``, ``distance_nm`` (L,); attrs ``time_s`` (the scan's
+new tracks), ``speed_nm_s``, ``speed_xy_nm_s``, ``dt_s``, ``distance_nm`` (L,); attrs ``time_s`` (the scan's
 mid-time), ``clock`` ("frames" | "wall"), ``max_distance_nm``, ``z_weight``.
 """
 
@@ -249,7 +249,8 @@ class DislocationAnalysis:
         moving = [s for s in steps if s.speed_nm_s is not None]
         log.info("run %s scan %d: %d dislocation line(s), %d tracked (%s), %d new; %.2f s inference",
                  scan.run_id, scan.scan, len(res.lines), len(moving),
-                 ", ".join(f"#{s.track_id} {s.speed_nm_s:.3g} nm/s" for s in moving[:6]) or "-",
+                 ", ".join(f"#{s.track_id} {s.speed_nm_s:.3g} nm/s (in-plane {s.speed_xy_nm_s:.3g})"
+                           for s in moving[:6]) or "-",
                  sum(1 for s in steps if s.status == "new"), secs.get("inference", 0.0))
         return out
 
@@ -284,7 +285,7 @@ class DislocationAnalysis:
                                                                for s in steps], dtype=np.float64).reshape(-1, 3))
             t.create_dataset("velocity_nm_s", data=np.array([s.velocity_nm_s if s.velocity_nm_s is not None else nan3
                                                              for s in steps], dtype=np.float64).reshape(-1, 3))
-            for key in ("speed_nm_s", "dt_s", "distance_nm"):
+            for key in ("speed_nm_s", "speed_xy_nm_s", "dt_s", "distance_nm"):
                 t.create_dataset(key, data=np.array([np.nan if getattr(s, key) is None else getattr(s, key) for s in steps],
                                                     dtype=np.float64))
             t.attrs["time_s"] = float(out.time_s) if out.time_s is not None else np.nan
@@ -330,6 +331,7 @@ class DislocationAnalysis:
                 "displacement_nm": None if d is None else np.round(d, 4).tolist(),
                 "velocity_nm_s": None if s is None or s.velocity_nm_s is None else np.round(s.velocity_nm_s, 6).tolist(),
                 "speed_nm_s": None if s is None or s.speed_nm_s is None else round(float(s.speed_nm_s), 6),
+                "speed_xy_nm_s": None if s is None or s.speed_xy_nm_s is None else round(float(s.speed_xy_nm_s), 6),
             })
             pts.append(np.asarray(ln.points_nm, np.float32))
             pix.append(np.asarray(ln.pixels_px, np.float32))

@@ -564,6 +564,9 @@ class ViewState:
                     speed = float(np.linalg.norm(np.asarray(vel, np.float64)))
                 if speed is not None:
                     s += f"  v = {speed:.2f} nm/s"
+                    speed_xy = _num(ln.get("speed_xy_nm_s"))
+                    if speed_xy is not None:
+                        s += f" (in-plane {speed_xy:.2f})"
                 info_lines.append(s)
             if len(lines) > 10:
                 info_lines.append(f"... {len(lines) - 10} more")
