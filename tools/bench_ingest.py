@@ -72,14 +72,11 @@ def receive_bare(endpoint: str) -> dict:
             "maxrss_mb": peak_rss_mb()}
 
 
-def receive_daemon(endpoint: str, layout: str) -> dict:
-    """The daemon as `livestereo run` builds it, timed from the first frames to the run's end."""
-    from livestereo.daemon.config import DaemonConfig
-    from livestereo.daemon.daemon import Daemon
+def timed_source(endpoint: str, rcvhwm: int, marks: dict):
+    """The daemon's PULL source, noting in ``marks`` when the first frames message
+    ("first", "cpu0") and the end message ("end", "cpu1") were received (perf_counter, CPU s)."""
     from livestereo.protocol.messages import EndMessage, FramesMessage
     from livestereo.transport.zmq_source import ZmqStreamSource
-
-    marks: dict = {}
 
     class TimedSource(ZmqStreamSource):
         def receive(self, timeout_s):
@@ -93,10 +90,19 @@ def receive_daemon(endpoint: str, layout: str) -> dict:
                     marks["cpu1"] = _cpu()
             return item
 
+    return TimedSource(endpoint, "pull", rcvhwm=rcvhwm)
+
+
+def receive_daemon(endpoint: str, layout: str) -> dict:
+    """The daemon as `livestereo run` builds it, timed from the first frames to the run's end."""
+    from livestereo.daemon.config import DaemonConfig
+    from livestereo.daemon.daemon import Daemon
+
+    marks: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DaemonConfig(endpoint=endpoint, output_dir=Path(tmp), max_runs=1, layout={"kind": layout, "k": 8},
                            idle_timeout_s=60.0)
-        daemon = Daemon(cfg, TimedSource(endpoint, "pull", rcvhwm=cfg.rcvhwm))
+        daemon = Daemon(cfg, timed_source(endpoint, cfg.rcvhwm, marks))
         daemon.run()
         c = daemon.ingest.counters
     return {"frames": c.frames, "bytes": c.bytes, "seconds": marks["end"] - marks["first"], "rejected": c.rejected_total,

@@ -52,31 +52,16 @@ def rss_mb(pid: int | str = "self") -> float:
 
 def daemon_main(endpoint: str, out: Path, live: bool, publish: str | None, publish_file: Path | None) -> None:
     """Run the daemon as `livestereo run` builds it; print its figures as JSON on the last line."""
-    if os.environ.get("BENCH_TUNE_MALLOC") == "1":
-        from livestereo.daemon.memory import tune_malloc
-
-        tune_malloc()
     from livestereo.commands.run import make_analyses
     from livestereo.daemon.config import DaemonConfig
     from livestereo.daemon.daemon import Daemon
-    from livestereo.protocol.messages import EndMessage, FramesMessage
-    from livestereo.transport.zmq_source import ZmqStreamSource
+
+    from bench_ingest import timed_source  # tools/ is this script's folder
 
     marks: dict = {}
-
-    class TimedSource(ZmqStreamSource):
-        def receive(self, timeout_s):
-            item = super().receive(timeout_s)
-            if item is not None and item.message is not None:
-                if "first" not in marks and isinstance(item.message, FramesMessage):
-                    marks["first"] = time.perf_counter()
-                elif isinstance(item.message, EndMessage):
-                    marks["end"] = time.perf_counter()
-            return item
-
     cfg = DaemonConfig(endpoint=endpoint, output_dir=out, max_runs=1, idle_timeout_s=120.0, inference=live,
                        publish=publish)
-    daemon = Daemon(cfg, TimedSource(endpoint, "pull", rcvhwm=cfg.rcvhwm), analyses=make_analyses(cfg))
+    daemon = Daemon(cfg, timed_source(endpoint, cfg.rcvhwm, marks), analyses=make_analyses(cfg))
     if publish_file is not None and daemon.publisher is not None:
         publish_file.write_text(daemon.publisher.endpoint)
     samples: list[tuple[float, float, int, int]] = []  # (s, RSS MB, scans done, scans waiting for the writer)

@@ -108,19 +108,6 @@ def make_analyses(cfg) -> list:
                                 min_interval_s=cfg.inference_interval_s)]
 
 
-def start_view(endpoint: str, snapshot_dir: Path | None = None):
-    """The live window in its own process, connected to ``endpoint`` (subprocess.Popen)."""
-    try:
-        from livestereo.view.launch import launch_view
-    except ImportError:
-        import subprocess
-        import sys
-
-        cmd = [sys.executable, "-m", "livestereo", "view", "--connect", endpoint]
-        return subprocess.Popen(cmd)
-    return launch_view(endpoint, snapshot_dir)
-
-
 def open_source(args, cfg):
     """The source named by --source, else the livestereo stream at cfg.endpoint."""
     if args.source:
@@ -156,9 +143,11 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     viewer = None
     if args.view and daemon.publisher is not None:
-        endpoint = daemon.publisher.endpoint.replace("0.0.0.0", "127.0.0.1")
+        from livestereo.view.launch import launch_view
+
+        endpoint = daemon.publisher.endpoint
         try:
-            viewer = start_view(endpoint, cfg.output_dir)
+            viewer = launch_view(endpoint, cfg.output_dir)
             log.info("live window started (pid %d) on %s", viewer.pid, endpoint)
         except Exception as exc:  # no display etc.: acquisition goes on
             log.error("could not start the live window: %s", exc)

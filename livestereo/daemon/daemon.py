@@ -192,7 +192,6 @@ class Daemon:
         self.workers: list[LatestWorker] = []
         self._worker_of: dict[str, LatestWorker] = {}
         for a in self.analyses:
-            # (prepare() runs once in run(), before the workers start)
             w = LatestWorker(a.name, a.analyse, accept=a.applies, on_result=self._result_hook(a),
                              min_interval_s=float(getattr(a, "min_interval_s", 0.0) or 0.0),
                              niceness=cfg.live_niceness)

@@ -36,13 +36,12 @@ class LatestWorker(threading.Thread):
 
     def __init__(self, name: str, analyse: Callable[[ScanImages], Any], *, accept: Callable[[ScanImages], bool] | None = None,
                  on_result: Callable[[ScanImages, Any, float], None] | None = None,
-                 prepare: Callable[[], None] | None = None, min_interval_s: float = 0.0, niceness: int = 0):
+                 min_interval_s: float = 0.0, niceness: int = 0):
         super().__init__(name=f"livestereo-{name}", daemon=True)
         self.slot: Latest[ScanImages] = Latest()
         self.analyse = analyse
         self.accept = accept or (lambda s: True)
         self.on_result = on_result
-        self.prepare = prepare
         self.min_interval_s = float(min_interval_s)
         """Least time between the starts of two analyses (s): caps the CPU the worker takes."""
         self.niceness = int(niceness)
@@ -58,11 +57,6 @@ class LatestWorker(threading.Thread):
 
     def run(self) -> None:
         lower_thread_priority(self.niceness)
-        if self.prepare is not None:
-            try:
-                self.prepare()
-            except Exception as exc:  # e.g. missing model weights: logged by the analysis, never fatal
-                log.error("%s: preparation failed: %s", self.name, exc)
         last_start = -1e9
         while not self._halt.is_set():
             wait = last_start + self.min_interval_s - time.perf_counter()
