@@ -10,6 +10,13 @@ Several receivers on one DECTRIS stream: PUSH deals images round-robin to all co
 PULL sockets, so each livestereo receiver gets only a share of the frames. This source
 reports the gaps ("frames_lost") and closes such a run as aborted; it never pretends it
 saw every frame. Use one receiver per stream (or fan out from livestereo).
+
+Arming (optional): given ``rest`` (a :class:`~livestereo.detectors.dectris.rest.SimplonClient`
+or ``(host, port)``), the source enables the DCU's stream over the SIMPLON API, optionally
+sets the series length (``images``), connects its PULL socket, waits until the connection
+stands, then arms (``arm=True``) and sends one software trigger (``trigger=True``). It arms
+once, when it opens; the series id the DCU gave is ``armed_series_id``. Without ``rest``
+nothing is sent to the detector.
 """
 
 from __future__ import annotations
@@ -38,12 +45,22 @@ class DectrisSource:
     single row of ``number_of_images``. channel: which stream v2 channel to use (default:
     the first of the start message's channels). use_pixel_mask: zero the pixels the
     detector flags in its pixel_mask.
+
+    SIMPLON arming (all optional; nothing is sent without ``rest``): rest: a SimplonClient or
+    ``(host, port)`` of the DCU's REST API. images: set the series length before arming, a
+    number of images or ``"scan"`` (ny * nx of scan_shape); nimages / ntrigger follow the
+    detector's trigger mode. header_detail / stream_format: stream config to set
+    ("basic" / "all" / "none"; e.g. "cbor"). arm: arm once the PULL socket is connected
+    (waits up to ``connect_timeout_s`` seconds for the connection). trigger: one software
+    trigger after arming (ints / inte). Errors raise DectrisRestError (an OSError).
     """
 
     def __init__(self, endpoint: str = f"tcp://127.0.0.1:{DEFAULT_PORT_V2}", *, scan_shape: tuple[int, int] | None = None,
                  calibration: Calibration | None = None, frames_per_message: int = 64, channel: str | None = None,
                  use_pixel_mask: bool = True, max_batch_wait_s: float = 0.05, run_prefix: str = "dectris",
-                 context: zmq.Context | None = None, rcvhwm: int = 100000):
+                 context: zmq.Context | None = None, rcvhwm: int = 100000, rest=None, arm: bool = False,
+                 trigger: bool = False, images: int | str | None = None, header_detail: str | None = None,
+                 stream_format: str | None = None, connect_timeout_s: float = 5.0):
         self.endpoint = endpoint
         self.name = f"DECTRIS stream {endpoint} (pull)"
         self.scan_shape = tuple(scan_shape) if scan_shape else None
@@ -58,7 +75,6 @@ class DectrisSource:
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
         self._pending: collections.deque[Received] = collections.deque()
         self._series: dict | None = None  # what the start message / v1 header said
         self._run: RunBuilder | None = None
@@ -71,6 +87,65 @@ class DectrisSource:
         self._v1: dict = {}  # stream v1 state: expected next part
         self._closed = False
         self._run_count = 0
+        self.rest = None
+        self.armed_series_id: int | None = None
+        if rest is None:
+            if arm or trigger or images is not None or header_detail or stream_format:
+                self._sock.close(linger=0)
+                raise ValueError(f"{self.name}: arm / trigger / images / header_detail / stream_format need rest=(host, port) "
+                                 "of the DCU's SIMPLON API")
+            self._sock.connect(endpoint)
+        else:
+            try:
+                self._prepare_detector(rest, arm=arm, trigger=trigger, images=images, header_detail=header_detail,
+                                       stream_format=stream_format, connect_timeout_s=connect_timeout_s)
+            except BaseException:
+                self._sock.close(linger=0)
+                raise
+
+    # ------------------------------------------------------------------ SIMPLON
+
+    def _prepare_detector(self, rest, *, arm: bool, trigger: bool, images, header_detail, stream_format,
+                          connect_timeout_s: float) -> None:
+        """Configure the DCU, connect, wait for the connection, arm, trigger (in that order:
+        with the stream disabled the DCU has no socket to connect to)."""
+        from livestereo.detectors.dectris.rest import SimplonClient
+
+        if isinstance(rest, SimplonClient):
+            client = rest
+        elif isinstance(rest, (tuple, list)) and 1 <= len(rest) <= 2:
+            client = SimplonClient(*rest)
+        else:
+            raise TypeError(f"rest must be a SimplonClient or (host, port), not {rest!r}")
+        self.rest = client
+        self.name = f"DECTRIS stream {self.endpoint} (pull, SIMPLON {client.base_url})"
+        n_images = None
+        if images is not None:
+            if images == "scan":
+                if not self.scan_shape:
+                    raise ValueError(f"{self.name}: images='scan' needs a scan shape")
+                n_images = int(self.scan_shape[0]) * int(self.scan_shape[1])
+            else:
+                n_images = int(images)
+        client.enable_stream(header_detail=header_detail, stream_format=stream_format)
+        if n_images is not None:
+            client.set_image_count(n_images)
+        monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED) if arm else None
+        self._sock.connect(self.endpoint)
+        if monitor is not None:
+            try:
+                connected = bool(monitor.poll(int(max(0.0, connect_timeout_s) * 1000), zmq.POLLIN))
+            finally:
+                self._sock.disable_monitor()
+                monitor.close(linger=0)
+            if not connected:
+                raise ConnectionError(f"{self.name}: no connection to the stream within {connect_timeout_s:g} s; "
+                                      "not arming (is the stream port right and the stream enabled?)")
+            self.armed_series_id = client.arm()
+            self.counters["armed"] += 1
+        if trigger:
+            client.trigger()
+            self.counters["triggers"] += 1
 
     # ------------------------------------------------------------------ public
 
@@ -213,6 +288,8 @@ class DectrisSource:
                 md[f"dectris_{k}"] = s[k]
         if channel is not None:
             md["dectris_channel"] = channel
+        if self.armed_series_id is not None:
+            md["dectris_armed_series_id"] = self.armed_series_id
         if guessed:
             md["scan_shape_guessed"] = True
         masked = None
