@@ -97,6 +97,40 @@ def test_read_only_and_non_contiguous_frames():
     assert acc.filled.sum() == 33
 
 
+def big_endian_in_buffer(frames: np.ndarray, gap: int, offset: int) -> np.ndarray:
+    """``frames`` as a detector stream holds them: big-endian, each frame's pixels
+    contiguous, ``gap`` header bytes between frames, starting ``offset`` bytes into a
+    buffer (odd values put frames at every byte alignment)."""
+    n, isz = frames.shape[0], frames.dtype.itemsize
+    fbytes = frames[0].size * isz
+    stride = fbytes + gap
+    buf = bytearray(offset + n * stride)
+    view = np.ndarray(frames.shape, dtype=frames.dtype.newbyteorder(">"), buffer=buf, offset=offset,
+                      strides=(stride, frames.shape[2] * isz, isz))
+    view[...] = frames
+    return view
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+@pytest.mark.parametrize("gap", [0, 399, 401])
+def test_big_endian_frames_read_in_place_give_the_same_bits(dtype, gap):
+    """Big-endian frames lying apart in a receive buffer (Merlin) are reduced where they
+    lie: the same bits as the native frames, against the numpy reference."""
+    w = mixed_weights(4)
+    n = 37
+    frames = frames_of(dtype, n, seed=11)
+    be = big_endian_in_buffer(frames, gap, offset=3)
+    assert be.dtype.byteorder == ">" and be.flags.c_contiguous == (gap == 0)
+    native, swapped = Accumulator(w, n, parallel=False), Accumulator(w, n)
+    native.add(frames[:1], 0)
+    native.add(frames[1:], 1)
+    swapped.add(be[:1], 0)
+    swapped.add(be[1:], 1)
+    np.testing.assert_allclose(swapped.images, reference(w, frames), rtol=1e-12)
+    assert swapped.images.tobytes() == native.images.tobytes()
+    assert swapped.filled.all()
+
+
 def test_assigns_and_counts_duplicates():
     w = layout_weights("stereo")
     acc = Accumulator(w, 10)
@@ -241,7 +275,7 @@ _NOJIT_SCRIPT = textwrap.dedent(
     import numba
     assert numba.config.DISABLE_JIT
     sys.path.insert(0, sys.argv[2])
-    from test_accumulate import mixed_weights, frames_of
+    from test_accumulate import big_endian_in_buffer, mixed_weights, frames_of
     from livestereo.compute.accumulate import Accumulator
     out = {}
     for dtype in ("uint16", "int32", "float32"):
@@ -250,6 +284,10 @@ _NOJIT_SCRIPT = textwrap.dedent(
         acc.add(fr[:9], 0)   # parallel kernel (prange runs as range)
         acc.add(fr[9:], 9)   # serial kernel
         out[dtype] = acc.images
+    for dtype in ("uint16", "uint32"):  # big-endian frames read in place
+        acc = Accumulator(mixed_weights(3), 12)
+        acc.add(big_endian_in_buffer(frames_of(dtype, 12, seed=9), 401, 3), 0)
+        out["be_" + dtype] = acc.images
     np.savez(sys.argv[1], **out)
     """
 )
@@ -272,3 +310,7 @@ def test_kernels_with_jit_disabled_give_the_same_bits(tmp_path):
         acc.add(fr[9:], 9)
         np.testing.assert_allclose(got[dtype], reference(mixed_weights(3), fr), rtol=1e-12)
         assert got[dtype].tobytes() == acc.images.tobytes(), dtype
+    for dtype in ("uint16", "uint32"):
+        acc = Accumulator(mixed_weights(3), 12)
+        acc.add(frames_of(dtype, 12, seed=9), 0)
+        assert got["be_" + dtype].tobytes() == acc.images.tobytes(), dtype

@@ -464,3 +464,37 @@ def test_large_frames_small_chunks_threaded():
         src.close()
     assert not errors_of(items)
     assert np.array_equal(frames_of(items), frames)
+
+
+def test_threaded_source_hands_out_views_and_reuses_only_free_buffers():
+    """U16 frames travel as big-endian views of the receive buffer (no copy). A consumer
+    that keeps them sees them intact while the reader goes on; one that drops them lets the
+    reader reuse its buffers (a bounded number allocated over a long stream)."""
+    rng = np.random.default_rng(7)
+    frames = rng.integers(0, 4096, size=(40, 32, 32), dtype=np.uint16)
+    with MerlinSimulator(frames, scan_shape=(5, 8), repeat=30) as sim:
+        src = MerlinSource("127.0.0.1", sim.port, frames_per_message=8, recv_chunk_bytes=20_000)  # ~120 chunks
+        kept = []
+        n = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 20:
+            it = src.receive(0.2)
+            if it is None:
+                continue
+            assert it.error is None, it.error
+            m = it.message
+            if isinstance(m, FramesMessage):
+                assert m.data.dtype == np.dtype(">u2") and not m.data.flags.owndata
+                if m.scan in (0, 29):
+                    kept.append(m)  # held across the whole stream
+                else:
+                    assert np.array_equal(m.data, frames[m.first:m.first + m.count])
+                n += m.count
+            elif isinstance(m, EndMessage):
+                break
+        allocated = src._reader.allocated
+        src.close()
+    assert n == 30 * 40
+    for m in kept:
+        assert np.array_equal(m.data, frames[m.first:m.first + m.count]), (m.scan, m.first)
+    assert allocated <= 12, allocated

@@ -389,6 +389,110 @@ def _accumulate_parallel(frames, zero, table, coef, exc_pix, exc_dw, wflat, pf_p
                 images[d, first + i] = acc[d]
 
 
+def _bswap16(v):
+    """The uint16 ``v`` with its two bytes swapped."""
+    return np.uint16((v >> np.uint16(8)) | (v << np.uint16(8)))
+
+
+def _bswap32(v):
+    """The uint32 ``v`` with its four bytes reversed."""
+    return np.uint32((v >> np.uint32(24)) | ((v >> np.uint32(8)) & np.uint32(0xFF00))
+                     | ((v << np.uint32(8)) & np.uint32(0xFF0000)) | (v << np.uint32(24)))
+
+
+def _bswap(v):
+    """``v`` (a uint16 or uint32) with its bytes reversed."""
+    return _bswap16(v) if v.dtype.itemsize == 2 else _bswap32(v)
+
+
+@overload(_bswap, jit_options={"nogil": True})
+def _ol_bswap(v):
+    return _bswap16 if v.bitwidth == 16 else _bswap32
+
+
+def _span_sum_be(seg):
+    """Exact int64 sum of ``seg``, big-endian unsigned integers read as native words (the
+    swap before the widening add keeps the loop vectorised)."""
+    tot = np.int64(0)
+    for p in range(seg.shape[0]):
+        tot += _bswap(seg[p])
+    return tot
+
+
+_span_sum_be_jit = numba.njit(nogil=True, cache=True)(_span_sum_be)
+
+
+@numba.njit(nogil=True, cache=True)
+def _reduce_frame_be(row, nxt, nxt_at, table, coef, exc_pix, exc_dw, wflat, pf_pix, acc):
+    """_reduce_frame for a frame of big-endian unsigned integers, ``row`` its words read
+    natively, in the same order and precision (integer piece sums are exact; weighted
+    pieces use the same four lanes), so it gives the same bits as the native kernel on the
+    byte-swapped frame. The next frame, prefetched meanwhile, starts at nxt[nxt_at]
+    (nxt_at < 0: none)."""
+    for d in range(acc.shape[0]):
+        acc[d] = 0.0
+    for s in range(table.shape[0]):
+        if nxt_at >= 0:
+            for j in range(table[s, _PF_LO], table[s, _PF_HI]):
+                _prefetch(nxt, nxt_at + pf_pix[j])
+        a = table[s, _START]
+        b = table[s, _STOP]
+        o = table[s, _WOFF]
+        if o < 0:
+            t = coef[s] * np.float64(_span_sum_be_jit(row[a:b]))
+            for e in range(table[s, _EXC_LO], table[s, _EXC_HI]):
+                t += exc_dw[e] * np.float64(_bswap(row[exc_pix[e]]))
+            acc[table[s, _DET]] += t
+        else:
+            n = b - a
+            s0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            s3 = 0.0
+            n4 = n - n % 4
+            for k in range(0, n4, 4):
+                s0 += np.float64(wflat[o + k]) * np.float64(_bswap(row[a + k]))
+                s1 += np.float64(wflat[o + k + 1]) * np.float64(_bswap(row[a + k + 1]))
+                s2 += np.float64(wflat[o + k + 2]) * np.float64(_bswap(row[a + k + 2]))
+                s3 += np.float64(wflat[o + k + 3]) * np.float64(_bswap(row[a + k + 3]))
+            for k in range(n4, n):
+                s0 += np.float64(wflat[o + k]) * np.float64(_bswap(row[a + k]))
+            acc[table[s, _DET]] += (s0 + s1) + (s2 + s3)
+
+
+@numba.njit(nogil=True, cache=True)
+def _accumulate_be(words, count, stride, npix, table, coef, exc_pix, exc_dw, wflat, pf_pix, images, first):
+    """_accumulate_serial for big-endian unsigned frames, read where they lie (no
+    byte-swapped copy). Frame i starts ``i * stride`` bytes after frame 0, which may put
+    it at any byte alignment, so ``words`` holds one native word view per alignment:
+    words[k][j] is the word at byte k + j * itemsize after the start of frame 0."""
+    n_det = images.shape[0]
+    acc = np.zeros(n_det, dtype=np.float64)
+    isz = len(words)
+    for i in range(count):
+        b = i * stride
+        row = words[b % isz][b // isz:b // isz + npix]
+        if i + 1 < count:
+            nb = b + stride
+            _reduce_frame_be(row, words[nb % isz], nb // isz, table, coef, exc_pix, exc_dw, wflat, pf_pix, acc)
+        else:
+            _reduce_frame_be(row, row, -1, table, coef, exc_pix, exc_dw, wflat, pf_pix, acc)
+        for d in range(n_det):
+            images[d, first + i] = acc[d]
+
+
+def _frames_contiguous(frames: np.ndarray) -> bool:
+    """Whether each frame's pixels are contiguous (the frames themselves may be apart)."""
+    if frames.ndim < 2:
+        return False
+    expected = frames.dtype.itemsize
+    for n, st in zip(frames.shape[:0:-1], frames.strides[:0:-1]):
+        if n > 1 and st != expected:
+            return False
+        expected *= n
+    return True
+
+
 def _zero_for(dtype: np.dtype):
     """Scalar that fixes the per-piece sum type: exact int64 for integers, float64 for floats."""
     return np.float64(0.0) if dtype.kind == "f" else np.int64(0)
@@ -533,14 +637,29 @@ class Accumulator:
         if first < 0 or first + count > self.n_positions:
             raise ValueError(f"frames [{first}, {first + count}) outside the scan of {self.n_positions} positions")
         dt = frames.dtype
-        tail = self._kernel_tail.get(dt)
+        native = dt.newbyteorder("=")
+        tail = self._kernel_tail.get(native)
         if tail is None:
-            tail = self._tail_for(dt)
+            tail = self._tail_for(native)
         if frames.size != count * self.npix:
             raise ValueError(f"frames of shape {frames.shape} do not hold {self.npix} pixels per frame")
-        if not frames.flags.c_contiguous or not dt.isnative:
-            frames = np.ascontiguousarray(frames, dtype=dt.newbyteorder("="))
-        flat = frames.reshape(count, self.npix)
+        if not dt.isnative and dt.itemsize in (2, 4) and dt.kind == "u" and _frames_contiguous(frames):
+            self._add_swapped(frames, count, first, tail)
+        else:
+            if not frames.flags.c_contiguous or not dt.isnative:
+                frames = np.ascontiguousarray(frames, dtype=dt.newbyteorder("="))
+            self._add_native(frames.reshape(count, self.npix), count, first, tail)
+        if count == 1:
+            dup = int(self.filled[first])
+            self.filled[first] = True
+            return dup
+        seen = self.filled[first : first + count]
+        dup = int(np.count_nonzero(seen))
+        seen[:] = True
+        return dup
+
+    def _add_native(self, flat: np.ndarray, count: int, first: int, tail: tuple) -> None:
+        """Native-endian C-contiguous (count, npix) frames: serial or thread-pool kernel."""
         if count < PARALLEL_MIN_FRAMES:
             _accumulate_serial(flat, *tail, first)
         else:
@@ -558,14 +677,20 @@ class Accumulator:
             per_frame = (time.perf_counter() - t0) / count
             if self.parallel is None:
                 self.choice.record(use_pool, per_frame)
-        if count == 1:
-            dup = int(self.filled[first])
-            self.filled[first] = True
-            return dup
-        seen = self.filled[first : first + count]
-        dup = int(np.count_nonzero(seen))
-        seen[:] = True
-        return dup
+
+    def _add_swapped(self, frames: np.ndarray, count: int, first: int, tail: tuple) -> None:
+        """Big-endian unsigned frames (e.g. Merlin's, still in the receive buffer)."""
+        isz = frames.dtype.itemsize
+        rows = frames.reshape(count, self.npix).view(np.uint8)
+        stride = rows.strides[0] if count > 1 else rows.shape[1]
+        # all the frames' bytes as one flat array, then one native word view per byte
+        # alignment (unaligned loads cost nothing extra on the CPUs this runs on)
+        size = (count - 1) * stride + rows.shape[1]
+        raw = np.lib.stride_tricks.as_strided(rows, shape=(size,), strides=(1,))
+        native = frames.dtype.newbyteorder("=")
+        words = tuple(raw[k:k + (size - k) // isz * isz].view(native) for k in range(isz))
+        _zero, table, coef, exc_pix, exc_dw, wflat, pf_pix, images = tail
+        _accumulate_be(words, count, stride, self.npix, table, coef, exc_pix, exc_dw, wflat, pf_pix, images, first)
 
     def _tail_for(self, dt: np.dtype) -> tuple:
         """Kernel arguments after the frames (up to ``first``) for frames of dtype dt."""

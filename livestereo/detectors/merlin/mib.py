@@ -267,8 +267,8 @@ def decode_payloads(buf, offset: int, stride: int, count: int, header: FrameHead
     """Decode ``count`` frames whose pixel data start at ``offset`` in ``buf`` and are
     ``stride`` bytes apart (stride = MPX prefix + header + payload on the wire, header +
     payload in a file). Returns a new C-contiguous (count, rows, cols) little-endian array:
-    one vectorised numpy operation for U types; a per-word byte reversal plus unpacking
-    for RAW. ``out``: a C-contiguous (count, rows, cols) array of the frame dtype to fill
+    one pass of a numba byte-swap kernel (or a copy for U08) for U types; a per-word byte
+    reversal plus unpacking for RAW. ``out``: a C-contiguous (count, rows, cols) array of the frame dtype to fill
     instead."""
     nbytes = header.payload_nbytes
     mv = memoryview(buf).cast("B") if not isinstance(buf, np.ndarray) else buf
@@ -280,21 +280,17 @@ def decode_payloads(buf, offset: int, stride: int, count: int, header: FrameHead
         itemsize = _U_TYPES[header.pixel_type]
         npx = header.x * header.y
         native = np.dtype(f"<u{itemsize}") if itemsize > 1 else np.dtype(np.uint8)
-        # a strided view of the payloads, read as little-endian: then one pass that
-        # swaps the bytes into a contiguous batch (numpy's strided big-endian astype is
-        # ~3x slower than this kernel)
-        src = np.ndarray((count, npx), dtype=native, buffer=mv, offset=offset, strides=(stride, itemsize))
         if out is None:
             out = np.empty((count, header.y, header.x), dtype=native.newbyteorder("="))
         flat = out.reshape(count, npx)
         if itemsize == 1:
+            src = np.ndarray((count, npx), dtype=native, buffer=mv, offset=offset, strides=(stride, itemsize))
             np.copyto(flat, src)
-        elif itemsize == 2:
-            _swap16(src, flat)
-        elif itemsize == 4:
-            _swap32(src, flat)
         else:
-            np.copyto(flat, src.view(native.newbyteorder(">")))
+            # the bytes as one flat uint8 array: the kernel's inner loop then runs over
+            # contiguous memory and vectorises (a strided, unaligned uint16 view does not)
+            raw = np.frombuffer(mv, dtype=np.uint8) if not isinstance(mv, np.ndarray) else mv.reshape(-1).view(np.uint8)
+            (_swap16 if itemsize == 2 else _swap32)(raw, offset, stride, flat)
         return out
     # RAW: gather the payloads, reverse the bytes of each 64-bit word
     src = np.ndarray((count, nbytes), dtype=np.uint8, buffer=mv, offset=offset, strides=(stride, 1))
@@ -321,25 +317,29 @@ def decode_payloads(buf, offset: int, stride: int, count: int, header: FrameHead
 
 
 @numba.njit(nogil=True, cache=True)
-def _swap16(src, out):
-    """out[i, p] = byte-swapped src[i, p] (src rows may be strided)."""
-    for i in range(src.shape[0]):
-        s = src[i]
+def _swap16(raw, offset, stride, out):
+    """out[i, p] = the big-endian uint16 at raw[offset + i * stride + 2 p] (raw: flat uint8)."""
+    npx = out.shape[1]
+    for i in range(out.shape[0]):
+        b = offset + i * stride
+        s = raw[b:b + 2 * npx]
         o = out[i]
-        for p in range(s.shape[0]):
-            v = s[p]
-            o[p] = (v >> np.uint16(8)) | (v << np.uint16(8))
+        for p in range(npx):
+            o[p] = (np.uint16(s[2 * p]) << np.uint16(8)) | np.uint16(s[2 * p + 1])
 
 
 @numba.njit(nogil=True, cache=True)
-def _swap32(src, out):
-    for i in range(src.shape[0]):
-        s = src[i]
+def _swap32(raw, offset, stride, out):
+    """out[i, p] = the big-endian uint32 at raw[offset + i * stride + 4 p] (raw: flat uint8)."""
+    npx = out.shape[1]
+    for i in range(out.shape[0]):
+        b = offset + i * stride
+        s = raw[b:b + 4 * npx]
         o = out[i]
-        for p in range(s.shape[0]):
-            v = s[p]
-            o[p] = ((v >> np.uint32(24)) | ((v >> np.uint32(8)) & np.uint32(0xFF00))
-                    | ((v << np.uint32(8)) & np.uint32(0xFF0000)) | (v << np.uint32(24)))
+        for p in range(npx):
+            q = 4 * p
+            o[p] = ((np.uint32(s[q]) << np.uint32(24)) | (np.uint32(s[q + 1]) << np.uint32(16))
+                    | (np.uint32(s[q + 2]) << np.uint32(8)) | np.uint32(s[q + 3]))
 
 
 def _assemble_raw(img: np.ndarray, header: FrameHeader) -> np.ndarray:

@@ -20,13 +20,15 @@ from __future__ import annotations
 import collections
 import queue
 import socket
+import struct
+import sys
 import threading
 import time
 from typing import Iterable
 
 import numpy as np
 
-from livestereo.detectors.common import PixelMask, RunBuilder, bad, ok, sanitize_run_id
+from livestereo.detectors.common import BatchPool, PixelMask, RunBuilder, bad, ok, sanitize_run_id
 from livestereo.detectors.merlin import mib
 from livestereo.protocol.codec import ProtocolError
 from livestereo.protocol.messages import Calibration
@@ -138,41 +140,61 @@ class _Reader(threading.Thread):
 
     Hands over (buffer, start, end) chunks; each buffer keeps ``reserve`` bytes free in
     front of ``start`` so the consumer can put the unparsed tail of the previous chunk
-    there (at most a couple of messages) instead of moving whole chunks. Buffers come
-    back through ``free``; with all of them in use the reader waits, the socket fills
-    and TCP holds the sender back: nothing is dropped."""
+    there (at most a couple of messages) instead of moving whole chunks. A chunk is
+    handed over when ``chunk`` bytes came or after ``idle_s`` (s) with fewer: while data
+    flows, chunks hold a whole batch of frames. Buffers come back through ``free``; one
+    is filled again only when no frames handed downstream still view it (its reference
+    count says so), otherwise it is left to them and a new one takes its place. With
+    ``n_buffers`` chunks waiting for the consumer the reader waits, the socket fills and
+    TCP holds the sender back: nothing is dropped."""
 
-    def __init__(self, sock: socket.socket, chunk: int, reserve: int, n_buffers: int = 3):
+    def __init__(self, sock: socket.socket, chunk: int, reserve: int, n_buffers: int = 4, idle_s: float = 0.02):
         super().__init__(name="merlin-reader", daemon=True)
         self.sock = sock
         self.chunk = chunk
         self.reserve = reserve
+        self.idle_s = idle_s
         self.ready: queue.Queue = queue.Queue()
         self.free: queue.Queue = queue.Queue()
         self.stop = threading.Event()
-        self._n_alloc = 0
+        self._spare: list[bytearray] = []
         self._n_max = n_buffers
+        self.allocated = 0
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                self._spare.append(self.free.get_nowait())
+            except queue.Empty:
+                return
 
     def _buffer(self, need: int) -> bytearray | None:
         while not self.stop.is_set():
-            try:
-                buf = self.free.get_nowait()
+            self._collect()
+            for i in range(len(self._spare)):
+                # references: the list and getrefcount's argument; more are frame views
+                if sys.getrefcount(self._spare[i]) == 2 and len(self._spare[i]) >= need:
+                    return self._spare.pop(i)
+            if self.ready.qsize() < self._n_max:
+                # views still hold the spares (or they are too small): leave those to them
+                if len(self._spare) >= self._n_max:
+                    self._spare.pop(0)
+                self.allocated += 1
+                return bytearray(need)
+            try:  # the consumer is behind: wait for it
+                self._spare.append(self.free.get(timeout=0.05))
             except queue.Empty:
-                if self._n_alloc < self._n_max:
-                    self._n_alloc += 1
-                    return bytearray(need)
-                try:
-                    buf = self.free.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-            if len(buf) >= need:
-                return buf
-            return bytearray(need)  # the reserve grew: replace the small buffer
+                continue
         return None
 
     def run(self) -> None:
         sock = self.sock
-        sock.settimeout(0.05)
+        # One blocking recv per chunk (MSG_WAITALL) with a kernel receive timeout: the
+        # thread takes the GIL once per chunk, not once per TCP segment batch, so a busy
+        # consumer thread cannot hold back the socket. A chunk comes back short when the
+        # stream pauses for the timeout, with what did come.
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(self.idle_s * 1e6)))
         try:
             while not self.stop.is_set():
                 start, chunk = self.reserve, self.chunk  # read once: the consumer may grow them
@@ -180,19 +202,19 @@ class _Reader(threading.Thread):
                 if buf is None:
                     return
                 mv = memoryview(buf)
-                while True:
-                    try:
-                        n = sock.recv_into(mv[start:start + chunk])
-                    except socket.timeout:
-                        if self.stop.is_set():
-                            return
-                        continue
-                    break
-                mv.release()
+                try:
+                    n = sock.recv_into(mv[start:start + chunk], chunk, socket.MSG_WAITALL)
+                except (BlockingIOError, socket.timeout):
+                    n = -1  # nothing came within the timeout
+                finally:
+                    mv.release()
+                if n > 0:
+                    self.ready.put((buf, start, start + n))
+                    continue
+                self._spare.append(buf)
                 if n == 0:
                     self.ready.put(("eof", None, None))
                     return
-                self.ready.put((buf, start, start + n))
         except OSError as exc:
             self.ready.put(("error", exc, None))
 
@@ -207,6 +229,9 @@ class _Geometry:
         # header bytes after the 6-digit sequence number: ',00384,01,0256,0256,U16,   1x1,'
         self.fixed = np.frombuffer(first_bytes[15 + 10:15 + 41], np.uint8).copy()
         self.payload_offset = 15 + header.header_nbytes
+        dt = np.dtype(header.dtype)
+        #: the wire dtype of frames that can travel as views of the receive buffer, else None
+        self.big_endian = dt.newbyteorder(">") if not header.raw and dt.itemsize in (2, 4) else None
 
 
 class MerlinSource:
@@ -271,6 +296,7 @@ class MerlinSource:
         self._mask: PixelMask | None = None
         self._wait_t0: float | None = None  # a complete frame waits for the next message's first bytes
         self._out: np.ndarray | None = None  # the batch being filled
+        self._batches = BatchPool()
         self._out_seqs = np.empty(0, dtype=np.int64)
         self._out_n = 0
         self._out_t0: float | None = None
@@ -509,9 +535,21 @@ class MerlinSource:
             self._lo = lo + total
 
     def _grow(self, need: int) -> None:
-        self._compact()
-        if need > len(self._buf):
-            self._buf.extend(bytes(need - len(self._buf) + (1 << 20)))
+        if self._reader is None:
+            self._compact()
+            if need > len(self._buf):
+                self._buf.extend(bytes(need - len(self._buf) + (1 << 20)))
+                self._own_buf = self._buf
+            return
+        # frames handed downstream may view the current buffer: move the tail to a new one
+        lo, hi = self._lo, self._hi
+        nb = bytearray(max(need, hi - lo) + (1 << 20))
+        nb[:hi - lo] = self._buf[lo:hi]
+        old = self._buf
+        self._stream_offset += lo
+        self._buf, self._lo, self._hi = nb, 0, hi - lo
+        if old is not self._own_buf:
+            self._reader.free.put(old)
 
     def _next_ok(self, pos: int, final: bool) -> bool | None:
         """Whether a message ending at ``pos`` is followed by a new MPX message: True if so,
@@ -562,7 +600,8 @@ class MerlinSource:
         if self._reader is not None:
             self._reserve = max(self._reserve, 2 * total + 64)
             self._reader.reserve = self._reserve
-            self._reader.chunk = max(self.recv_chunk_bytes, 2 * total)
+            # a chunk holds a whole batch: the frames then go downstream as one view
+            self._reader.chunk = max(self.recv_chunk_bytes, 2 * total, self.frames_per_message * total)
         else:
             want = 8 * self.frames_per_message * total
             if len(self._buf) < want:  # room for several batches: compaction stays rare
@@ -652,12 +691,24 @@ class MerlinSource:
         g = self._geom
         assert g is not None
         self._wait_t0 = None
+        if self._reader is not None and g.big_endian is not None:
+            # zero copy: the frames stay where they were received, as a big-endian view
+            # (the accumulator reads them in place); the reader reuses this buffer only
+            # once nothing downstream still holds such a view
+            self._deliver_out()
+            h = g.header
+            isz = g.big_endian.itemsize
+            data = np.ndarray((nb, h.y, h.x), dtype=g.big_endian, buffer=self._buf, offset=lo + g.payload_offset,
+                              strides=(g.msg_total, h.x * isz, isz))
+            self.counters["frames"] += nb
+            self._deliver_split(data, seqs[:nb], g)
+            return
         i = 0
         while i < nb:
             if self._out is not None and self._out_geom is not g:
                 self._deliver_out()
             if self._out is None:
-                self._out = np.empty((self.frames_per_message, *g.header.frame_shape), dtype=g.header.dtype)
+                self._out = self._batches.get((self.frames_per_message, *g.header.frame_shape), g.header.dtype)
                 self._out_seqs = np.empty(self.frames_per_message, dtype=np.int64)
                 self._out_geom = g
                 self._out_n = 0
@@ -675,7 +726,7 @@ class MerlinSource:
                 self._deliver_out()
 
     def _deliver_out(self) -> None:
-        """Hand the frames decoded so far to the run (split at sequence jumps)."""
+        """Hand the frames decoded so far to the run."""
         n = self._out_n
         if self._out is None or n == 0:
             return
@@ -684,8 +735,13 @@ class MerlinSource:
         self._out = None
         self._out_n = 0
         self._out_t0 = None
+        self._deliver_split(data, seqs, g)
+
+    def _deliver_split(self, data: np.ndarray, seqs: np.ndarray, g: _Geometry) -> None:
+        """Hand frames of geometry g to the run, split where their sequence numbers jump."""
         geom, self._geom = self._geom, g
         try:
+            n = data.shape[0]
             breaks = np.flatnonzero(np.diff(seqs) != 1) + 1
             starts = [0, *breaks.tolist()]
             ends = [*breaks.tolist(), n]
@@ -738,7 +794,7 @@ class MerlinSource:
             chunk = data[:take]
             assert self._mask is not None
             self._mask.apply(chunk)
-            for msg in run.frames(chunk, index):
+            for msg in run.frames(chunk, index, keep_byte_order=True):
                 self._pending.append(ok(msg, nbytes=msg.count * per_frame))
             self._last_seq = seq0 + take - 1
             data, seq0 = data[take:], seq0 + take
