@@ -16,30 +16,7 @@ from livestereo.detectors.dectris.sim import DectrisSimulator
 from livestereo.detectors.dectris.source import DectrisSource
 from livestereo.protocol.codec import ProtocolError
 from livestereo.protocol.messages import EndMessage, FramesMessage, StartMessage
-
-
-def collect(src, n_ends=1, timeout_s=10.0):
-    items = []
-    ends = 0
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        it = src.receive(0.2)
-        if it is None:
-            continue
-        items.append(it)
-        if isinstance(it.message, EndMessage):
-            ends += 1
-            if ends >= n_ends:
-                break
-    return items
-
-
-def frames_of(items):
-    return np.concatenate([i.message.data for i in items if isinstance(i.message, FramesMessage)])
-
-
-def errors_of(items):
-    return [i.error for i in items if i.error is not None]
+from tests.source_helpers import collect, errors_of, frames_of
 
 
 RNG = np.random.default_rng(3)

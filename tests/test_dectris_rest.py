@@ -19,7 +19,8 @@ from livestereo.detectors import open_source
 from livestereo.detectors.dectris.rest import DectrisRestError, SimplonClient
 from livestereo.detectors.dectris.sim import DectrisSimulator
 from livestereo.detectors.dectris.source import DectrisSource
-from livestereo.protocol.messages import EndMessage, FramesMessage, StartMessage
+from livestereo.protocol.messages import FramesMessage, StartMessage
+from tests.source_helpers import collect, free_port
 
 API = "/detector/api/1.8.0"
 STREAM = "/stream/api/1.8.0"
@@ -88,14 +89,6 @@ def dcu():
     d = FakeDCU()
     yield d
     d.close()
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ------------------------------------------------------------------------- client
@@ -184,7 +177,7 @@ def test_http_errors_name_url_status_and_body(dcu):
 
 
 def test_connection_refused_and_timeout():
-    port = closed_port()
+    port = free_port()
     with pytest.raises(DectrisRestError, match=f"PUT http://127.0.0.1:{port}{API}/command/arm: connection refused") as e:
         SimplonClient("127.0.0.1", port, timeout_s=2).arm()
     assert e.value.status is None
@@ -202,19 +195,6 @@ def test_connection_refused_and_timeout():
 
 
 # ------------------------------------------------------------------------- DectrisSource arming
-
-
-def _collect(src, timeout_s=10.0):
-    items = []
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        it = src.receive(0.2)
-        if it is None:
-            continue
-        items.append(it)
-        if isinstance(it.message, EndMessage):
-            break
-    return items
 
 
 DATA = np.random.default_rng(5).poisson(3, size=(2, 3, 16, 12)).astype(np.uint16)
@@ -235,7 +215,7 @@ def test_source_arms_after_connecting(dcu, version):
     dcu.routes[("PUT", f"{API}/command/arm")] = arm
     try:
         src = DectrisSource(sim.endpoint, scan_shape=(2, 3), rest=("127.0.0.1", dcu.port), arm=True, images="scan", frames_per_message=4)
-        items = _collect(src)
+        items = collect(src)
         src.close()
     finally:
         sim.stop()
@@ -256,7 +236,7 @@ def test_source_does_not_arm_without_a_connection(dcu):
     dcu.routes[("PUT", f"{STREAM}/config/mode")] = (200, None)
     dcu.routes[("PUT", f"{API}/command/arm")] = (200, {"sequence id": 1})
     with pytest.raises(ConnectionError, match="no connection to the stream within 0.3 s; not arming"):
-        DectrisSource(f"tcp://127.0.0.1:{closed_port()}", rest=dcu.client(), arm=True, connect_timeout_s=0.3)
+        DectrisSource(f"tcp://127.0.0.1:{free_port()}", rest=dcu.client(), arm=True, connect_timeout_s=0.3)
     assert [p for p, _ in dcu.put_calls()] == [f"{STREAM}/config/mode"]
 
 
@@ -264,9 +244,9 @@ def test_source_without_rest_sends_nothing_and_checks_options():
     with pytest.raises(ValueError, match="need rest="):
         DectrisSource("tcp://127.0.0.1:1", arm=True)
     with pytest.raises(ValueError, match="images='scan' needs a scan shape"):
-        DectrisSource("tcp://127.0.0.1:1", rest=("127.0.0.1", closed_port()), images="scan")
+        DectrisSource("tcp://127.0.0.1:1", rest=("127.0.0.1", free_port()), images="scan")
     with pytest.raises(DectrisRestError, match="connection refused"):
-        DectrisSource("tcp://127.0.0.1:1", rest=SimplonClient("127.0.0.1", closed_port(), timeout_s=1), arm=True)
+        DectrisSource("tcp://127.0.0.1:1", rest=SimplonClient("127.0.0.1", free_port(), timeout_s=1), arm=True)
     src = DectrisSource("tcp://127.0.0.1:1")
     assert src.rest is None and src.armed_series_id is None and src.name == "DECTRIS stream tcp://127.0.0.1:1 (pull)"
     src.close()
@@ -282,7 +262,7 @@ def test_url_options(dcu):
     dcu.routes[("GET", f"{API}/config/trigger_mode")] = (200, {"value": "ints"})
     dcu.routes[("PUT", f"{API}/config/nimages")] = (200, ["nimages"])
     dcu.routes[("PUT", f"{API}/config/ntrigger")] = (200, ["ntrigger"])
-    src = open_source(f"dectris://127.0.0.1:{closed_port()}?rest={dcu.port}&trigger=1&images=12&header_detail=basic")
+    src = open_source(f"dectris://127.0.0.1:{free_port()}?rest={dcu.port}&trigger=1&images=12&header_detail=basic")
     try:
         assert src.rest.host == "127.0.0.1" and src.rest.port == dcu.port and src.counters["triggers"] == 1
     finally:
@@ -305,9 +285,9 @@ def test_url_options(dcu):
 
 
 def test_cli_reports_an_unreachable_dcu(tmp_path):
-    port = closed_port()
+    port = free_port()
     out = subprocess.run([sys.executable, "-m", "livestereo", "run", "--no-inference", "--output-dir", str(tmp_path),
-                          "--source", f"dectris://127.0.0.1:{closed_port()}?rest={port}&arm=1"],
+                          "--source", f"dectris://127.0.0.1:{free_port()}?rest={port}&arm=1"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert f"PUT http://127.0.0.1:{port}/stream/api/1.8.0/config/mode: connection refused" in out.stdout

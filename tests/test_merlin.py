@@ -15,36 +15,12 @@ from livestereo.detectors.merlin import mib
 from livestereo.detectors.merlin.sim import MerlinSimulator, RawTcpServer, frame_message, header_message
 from livestereo.detectors.merlin.source import MerlinControl, MerlinSource
 from livestereo.protocol.messages import EndMessage, FramesMessage, StartMessage
+from tests.source_helpers import collect, errors_of, frames_of
 
 MERLIN_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "merlin"
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def collect(src, until_end=True, timeout_s=10.0, max_items=10000):
-    """Items from a source until an End message (or timeout / EOF)."""
-    items = []
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s and len(items) < max_items:
-        try:
-            it = src.receive(0.2)
-        except EOFError:
-            break
-        if it is None:
-            continue
-        items.append(it)
-        if until_end and isinstance(it.message, EndMessage):
-            break
-    return items
-
-
-def frames_of(items) -> np.ndarray:
-    return np.concatenate([i.message.data for i in items if isinstance(i.message, FramesMessage)])
-
-
-def errors_of(items):
-    return [i.error for i in items if i.error is not None]
 
 
 def read_all(path, **kw):
@@ -328,7 +304,7 @@ def threaded(request):
 def _run_raw(chunks, close=True, timeout_s=5.0, **kw):
     with RawTcpServer(chunks, close=close) as srv:
         src = MerlinSource("127.0.0.1", srv.port, reconnect=False, **kw)
-        items = collect(src, until_end=False, timeout_s=timeout_s)
+        items = collect(src, n_ends=0, timeout_s=timeout_s)
         src.close()
     return items
 
@@ -391,7 +367,7 @@ def test_stream_stops_mid_series():
     parts = _stream(FR[:5], (2, 4), n_frames=8)
     with RawTcpServer([b"".join(parts)], close=False) as srv:
         src = MerlinSource("127.0.0.1", srv.port)
-        items = collect(src, until_end=False, timeout_s=1.5)
+        items = collect(src, n_ends=0, timeout_s=1.5)
         assert src.receive(0.2) is None  # silence: no error, no end (the daemon's idle timeout decides)
         src.close()
     assert not errors_of(items)

@@ -24,6 +24,7 @@ from livestereo.detectors.merlin import mib
 from livestereo.detectors.merlin.sim import MerlinSimulator
 from livestereo.detectors.merlin.source import MerlinSource
 from livestereo.protocol.messages import EndMessage, FramesMessage
+from tests.source_helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +34,6 @@ pytest.importorskip("libertem_qd_mpx", reason="libertem-qd-mpx not installed: pi
 SIM_EXE = Path(sys.executable).parent / "libertem-live-mib-sim"
 SCAN = (6, 8)
 SIZE = 64
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 @pytest.fixture(scope="module")

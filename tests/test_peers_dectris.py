@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from livestereo.detectors.dectris.rest import DectrisRestError, SimplonClient
 from livestereo.detectors.dectris.source import DectrisSource
 from livestereo.protocol.messages import Calibration, EndMessage, FramesMessage, StartMessage
 from tests.conftest import reference_images
+from tests.source_helpers import collect, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +53,6 @@ SCAN = (6, 8)
 SIZE = 64
 SERIES = 17
 CAL = dict(convergence_semiangle_mrad=20.0, scan_step_nm=1.0, mrad_per_px=1.25, disc_center_px=(31.5, 31.5), disc_radius_px=16.0)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def make_frames(dtype: str, seed: int = 7) -> np.ndarray:
@@ -158,19 +150,6 @@ def sim16(tmp_path):
     sim.close()
 
 
-def collect(src, timeout_s=60.0):
-    items = []
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        it = src.receive(0.5)
-        if it is None:
-            continue
-        items.append(it)
-        if isinstance(it.message, EndMessage):
-            break
-    return items
-
-
 def test_dectris_source_arms_and_reads_libertem_simulator(sim16or32):
     sim, frames = sim16or32
     n = SCAN[0] * SCAN[1]
@@ -178,7 +157,7 @@ def test_dectris_source_arms_and_reads_libertem_simulator(sim16or32):
     src = DectrisSource(f"tcp://127.0.0.1:{sim.zmq_port}", scan_shape=SCAN, rest=sim.client, arm=True, images="scan",
                         frames_per_message=16)
     try:
-        items = collect(src)
+        items = collect(src, timeout_s=60.0, poll_s=0.5)
     finally:
         src.close()
     assert src.armed_series_id == SERIES

@@ -133,7 +133,7 @@ def bare_reader(host: str, data_port: int, control_port: int | None, expected_by
 
 
 def livestereo_run(host: str, data_port: int, control_port: int | None, weights: np.ndarray, n: int, batch: int,
-                   timeout_s: float = 300):
+                   timeout_s: float = 300, threaded: bool | None = None):
     """(frames/s, images (2, n), errors) of MerlinSource + Accumulator."""
     from livestereo.compute.accumulate import Accumulator
 
@@ -141,8 +141,9 @@ def livestereo_run(host: str, data_port: int, control_port: int | None, weights:
     acc.add(np.zeros((16, weights.shape[1]), np.uint16), 0)  # compile the kernels outside the timing
     acc = Accumulator(weights, n)
     settle()
+    kw = {} if threaded is None else {"threaded": threaded}
     src = MerlinSource(host, data_port, control_port=control_port, arm=control_port is not None,
-                       soft_trigger=control_port is not None, frames_per_message=batch)
+                       soft_trigger=control_port is not None, frames_per_message=batch, **kw)
     errors = []
     frames = 0
     t0 = time.perf_counter()
@@ -280,10 +281,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="measure each side this many times (best kept)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--no-libertem", action="store_true", help="skip LiberTEM-live even when installed")
+    ap.add_argument("--reader", choices=("default", "thread", "caller"), default="default",
+                    help="MerlinSource(threaded=...): its default, a reader thread, or the caller's thread")
     args = ap.parse_args(argv)
 
     ny, nx = args.scan
     n = ny * nx
+    threaded = {"default": None, "thread": True, "caller": False}[args.reader]
     size = args.frame
     host = "127.0.0.1"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_detectors_"))
@@ -318,7 +322,7 @@ def main(argv=None) -> int:
                              f"({sim_bps / 1e9:.2f} GB/s)")
                 best_ls = (0.0, None)
                 for _ in range(args.repeat):
-                    fps, imgs, errors, got = livestereo_run(host, dp, cp, weights, n, args.batch)
+                    fps, imgs, errors, got = livestereo_run(host, dp, cp, weights, n, args.batch, threaded=threaded)
                     if errors:
                         lines.append(f"livestereo errors: {errors[:3]}")
                     if got != n:
@@ -361,7 +365,8 @@ def main(argv=None) -> int:
             results["own_sim_fps"] = own_bps / msg_bytes
             best = (0.0, None)
             for _ in range(args.repeat):
-                fps, imgs, errors, got = livestereo_run(host, sim.port, sim.control_port, weights, n, args.batch)
+                fps, imgs, errors, got = livestereo_run(host, sim.port, sim.control_port, weights, n, args.batch,
+                                                        threaded=threaded)
                 if errors:
                     lines.append(f"livestereo (own simulator) errors: {errors[:3]}")
                 best = max(best, (fps, imgs), key=lambda t: t[0])

@@ -135,8 +135,9 @@ class MerlinControl:
 
 
 class _Reader(threading.Thread):
-    """Reads the data socket on its own thread (recv releases the GIL), so the kernel's
-    copy of the next bytes overlaps decoding and accumulating the previous ones.
+    """Reads the data socket in chunks, on its own thread (``start()``: recv releases the
+    GIL, so the kernel's copy of the next bytes overlaps the consumer's work on the
+    previous ones; chunks queue in ``ready``) or on the caller's (``fill_one``).
 
     Hands over (buffer, start, end) chunks; each buffer keeps ``reserve`` bytes free in
     front of ``start`` so the consumer can put the unparsed tail of the previous chunk
@@ -160,6 +161,8 @@ class _Reader(threading.Thread):
         self._spare: list[bytearray] = []
         self._n_max = n_buffers
         self.allocated = 0
+        self._timeout: float | None = None
+        sock.settimeout(None)  # blocking; fill_one sets a kernel receive timeout
 
     def _collect(self) -> None:
         while True:
@@ -187,34 +190,42 @@ class _Reader(threading.Thread):
                 continue
         return None
 
+    def fill_one(self, timeout_s: float | None = None):
+        """Receive one chunk: (buffer, start, end); ("eof", None, None) when the peer closed
+        the connection; None when nothing came within the timeout (``idle_s``, or less).
+
+        One blocking recv per chunk (MSG_WAITALL) with a kernel receive timeout: the
+        caller takes the GIL once per chunk, not once per batch of TCP segments, so a busy
+        consumer thread cannot hold the socket back. A chunk comes back short, with what
+        did come, when the stream pauses for the timeout."""
+        start, chunk = self.reserve, self.chunk  # read once: the consumer may grow them
+        buf = self._buffer(start + chunk)
+        if buf is None:
+            return None
+        t = self.idle_s if timeout_s is None else max(0.0005, min(self.idle_s, timeout_s))
+        if t != self._timeout:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(t), int(t % 1 * 1e6)))
+            self._timeout = t
+        mv = memoryview(buf)
+        try:
+            n = self.sock.recv_into(mv[start:start + chunk], chunk, socket.MSG_WAITALL)
+        except (BlockingIOError, socket.timeout):
+            n = -1
+        finally:
+            mv.release()
+        if n > 0:
+            return buf, start, start + n
+        self._spare.append(buf)
+        return ("eof", None, None) if n == 0 else None
+
     def run(self) -> None:
-        sock = self.sock
-        # One blocking recv per chunk (MSG_WAITALL) with a kernel receive timeout: the
-        # thread takes the GIL once per chunk, not once per TCP segment batch, so a busy
-        # consumer thread cannot hold back the socket. A chunk comes back short when the
-        # stream pauses for the timeout, with what did come.
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(self.idle_s * 1e6)))
         try:
             while not self.stop.is_set():
-                start, chunk = self.reserve, self.chunk  # read once: the consumer may grow them
-                buf = self._buffer(start + chunk)
-                if buf is None:
-                    return
-                mv = memoryview(buf)
-                try:
-                    n = sock.recv_into(mv[start:start + chunk], chunk, socket.MSG_WAITALL)
-                except (BlockingIOError, socket.timeout):
-                    n = -1  # nothing came within the timeout
-                finally:
-                    mv.release()
-                if n > 0:
-                    self.ready.put((buf, start, start + n))
-                    continue
-                self._spare.append(buf)
-                if n == 0:
-                    self.ready.put(("eof", None, None))
-                    return
+                item = self.fill_one()
+                if item is not None:
+                    self.ready.put(item)
+                    if item[0] == "eof":
+                        return
         except OSError as exc:
             self.ready.put(("error", exc, None))
 
@@ -245,8 +256,13 @@ class MerlinSource:
     depth: counter depth for RAW frames from firmware whose headers do not say it.
     frames_per_message: batch size; a partial batch goes out after ``max_batch_wait_s``.
     reconnect: connect again after the detector closed the data connection (``arm`` then
-    arms again). threaded: read the socket on a helper thread in ``recv_chunk_bytes``
-    chunks (False: read and decode on the caller's thread).
+    arms again). threaded: read the socket on a helper thread (False: on the caller's
+    thread, between its parsing), in chunks of at least ``recv_chunk_bytes`` bytes and
+    of a whole batch of frames.
+
+    U16 / U32 frames go downstream without a copy, as big-endian views of the chunk they
+    were received in (the daemon's accumulator reads them in place); a chunk's memory is
+    reused only once no such view is left.
 
     Frame positions come from the frames' own sequence numbers (1 = first frame of the
     acquisition): lost frames leave gaps (reported) instead of shifting the image.
@@ -279,8 +295,7 @@ class MerlinSource:
         self.counters: collections.Counter[str] = collections.Counter()
 
         self._sock: socket.socket | None = None
-        self._buf = bytearray(8 << 20)
-        self._own_buf = self._buf  # the single-threaded path's buffer (never handed to a reader)
+        self._buf = bytearray()
         self._lo = 0
         self._hi = 0
         self._stream_offset = 0  # stream offset of _buf[0]
@@ -318,8 +333,8 @@ class MerlinSource:
         self._stream_offset = 0
         self._geom = None
         self._ever_connected = True
+        self._reader = _Reader(s, self.recv_chunk_bytes, self._reserve)
         if self.threaded:
-            self._reader = _Reader(s, self.recv_chunk_bytes, self._reserve)
             self._reader.start()
         self._seq_base = 0
         self._last_seq = 0
@@ -340,7 +355,8 @@ class MerlinSource:
         r = self._reader
         if r is not None:
             r.stop.set()
-            r.join(timeout=2)
+            if r.ident is not None:
+                r.join(timeout=2)
             self._reader = None
 
     def _disconnect(self, why: str | None) -> None:
@@ -412,47 +428,24 @@ class MerlinSource:
             t0 = min(t for t in (self._wait_t0, self._out_t0, now + 1e9) if t is not None)
             if t0 < now + 1e8:
                 wait = max(0.0005, min(wait, self.max_batch_wait_s - (time.monotonic() - t0)))
-            self._recv(wait)
-
-    def _recv(self, wait_s: float) -> None:
-        if self._reader is not None:
-            self._take(wait_s)
-            return
-        if self._lo == self._hi:
-            self._stream_offset += self._lo
-            self._lo = self._hi = 0
-        elif len(self._buf) - self._hi < (self._geom.msg_total if self._geom else 65536):
-            self._compact()
-        if self._hi == len(self._buf):
-            self._buf.extend(bytes(len(self._buf)))
-        sock = self._sock
-        assert sock is not None
-        sock.settimeout(max(0.0005, wait_s))
-        # a few MB per call: the frames are decoded while they are still in the cache
-        limit = max(self.recv_chunk_bytes, self._geom.msg_total if self._geom else 0)
-        try:
-            n = sock.recv_into(memoryview(self._buf)[self._hi:self._hi + limit])
-        except (socket.timeout, BlockingIOError):
-            return
-        except OSError as exc:
-            self._disconnect(f"connection error ({exc})")
-            return
-        if n == 0:
-            self._parse(True)
-            self._deliver_out()
-            self._disconnect("connection closed")
-            return
-        self._hi += n
-        self.counters["bytes"] += n
+            self._take(wait)
 
     def _take(self, wait_s: float) -> None:
         """Switch to the reader's next chunk, carrying the unparsed tail over."""
         r = self._reader
         assert r is not None
-        try:
-            item = r.ready.get(timeout=max(0.0005, wait_s))
-        except queue.Empty:
-            return
+        if self.threaded:
+            try:
+                item = r.ready.get(timeout=max(0.0005, wait_s))
+            except queue.Empty:
+                return
+        else:
+            try:
+                item = r.fill_one(wait_s)
+            except OSError as exc:
+                item = ("error", exc, None)
+            if item is None:
+                return
         buf, start, end = item
         if isinstance(buf, str):  # "eof" or "error"
             self._parse(True)
@@ -472,17 +465,10 @@ class MerlinSource:
                 buf[start - tail:start] = old[self._lo:self._hi]
             new_lo, new_hi, new_buf = start - tail, end, buf
         self._stream_offset = self._stream_offset + self._lo - new_lo  # keeps offset(lo) continuous
-        if old is not self._own_buf and old is not new_buf:
+        if old is not new_buf and len(old):
             r.free.put(old)
         self._buf, self._lo, self._hi = new_buf, new_lo, new_hi
         self.counters["bytes"] += end - start
-
-    def _compact(self) -> None:
-        lo, hi = self._lo, self._hi
-        if lo:
-            self._buf[: hi - lo] = self._buf[lo:hi]
-            self._stream_offset += lo
-            self._lo, self._hi = 0, hi - lo
 
     # ---------------------------------------------------------------- parsing
 
@@ -535,12 +521,6 @@ class MerlinSource:
             self._lo = lo + total
 
     def _grow(self, need: int) -> None:
-        if self._reader is None:
-            self._compact()
-            if need > len(self._buf):
-                self._buf.extend(bytes(need - len(self._buf) + (1 << 20)))
-                self._own_buf = self._buf
-            return
         # frames handed downstream may view the current buffer: move the tail to a new one
         lo, hi = self._lo, self._hi
         nb = bytearray(max(need, hi - lo) + (1 << 20))
@@ -548,7 +528,7 @@ class MerlinSource:
         old = self._buf
         self._stream_offset += lo
         self._buf, self._lo, self._hi = nb, 0, hi - lo
-        if old is not self._own_buf:
+        if self._reader is not None and len(old):
             self._reader.free.put(old)
 
     def _next_ok(self, pos: int, final: bool) -> bool | None:
@@ -597,15 +577,11 @@ class MerlinSource:
                                     f"MPX length says {total - 15} bytes but the MQ1 header ({h.pixel_type} {h.x}x{h.y}, "
                                     f"depth {h.depth}, {h.header_nbytes} header bytes) needs {h.frame_nbytes}")
         self._geom = _Geometry(h, total, bytes(buf[lo:lo + 15 + 41]))
+        self._reserve = max(self._reserve, 2 * total + 64)
         if self._reader is not None:
-            self._reserve = max(self._reserve, 2 * total + 64)
             self._reader.reserve = self._reserve
             # a chunk holds a whole batch: the frames then go downstream as one view
             self._reader.chunk = max(self.recv_chunk_bytes, 2 * total, self.frames_per_message * total)
-        else:
-            want = 8 * self.frames_per_message * total
-            if len(self._buf) < want:  # room for several batches: compaction stays rare
-                self._grow(want)
         return True
 
     def _skip_frame(self, lo: int, total: int, reason: str, detail: str) -> bool | None:
@@ -691,7 +667,7 @@ class MerlinSource:
         g = self._geom
         assert g is not None
         self._wait_t0 = None
-        if self._reader is not None and g.big_endian is not None:
+        if g.big_endian is not None:
             # zero copy: the frames stay where they were received, as a big-endian view
             # (the accumulator reads them in place); the reader reuses this buffer only
             # once nothing downstream still holds such a view
