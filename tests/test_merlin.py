@@ -474,3 +474,29 @@ def test_threaded_source_hands_out_views_and_reuses_only_free_buffers():
     for m in kept:
         assert np.array_equal(m.data, frames[m.first:m.first + m.count]), (m.scan, m.first)
     assert allocated <= 12, allocated
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_daemon_ingest_of_zero_copy_frames_equals_numpy(threaded):
+    """A live Merlin (U16 over TCP) through the daemon's own ingest: the big-endian views
+    are held for the disc finder (no disc calibration), then accumulated in place; both
+    scans of the series equal a float64 numpy reference."""
+    from livestereo.compute.layouts import LayoutSpec, build_layout
+    from livestereo.daemon.ingest import Ingest
+    from tests.disc_helpers import disc_frames
+
+    frames = disc_frames(24, (64, 64), center=(31.2, 32.6), radius=14.0)
+    scans = []
+    ingest = Ingest(LayoutSpec(kind="multiview", k=4), disc_frames=10, on_scan=scans.append)
+    with MerlinSimulator(frames, scan_shape=(4, 6), repeat=2) as sim:
+        src = MerlinSource("127.0.0.1", sim.port, frames_per_message=5, threaded=threaded)
+        for it in collect(src):
+            ingest.handle(it)
+        src.close()
+    assert [s.complete for s in scans] == [True, True]
+    st = StartMessage(version=1, run_id="x", detector="pixelated", scan_shape=(4, 6), frame_shape=(64, 64), dtype="uint16",
+                      calibration=scans[0].calibration)
+    w = build_layout(LayoutSpec(kind="multiview", k=4), st).weights_matrix().astype(np.float64)
+    ref = (w @ frames.reshape(24, -1).astype(np.float64).T).reshape(-1, 4, 6)
+    for s in scans:
+        np.testing.assert_allclose(s.images, ref, rtol=1e-12)
