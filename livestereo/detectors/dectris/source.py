@@ -27,7 +27,7 @@ import time
 import numpy as np
 import zmq
 
-from livestereo.detectors.common import PixelMask, RunBuilder, bad, ok, sanitize_run_id
+from livestereo.detectors.common import BatchPool, PixelMask, RunBuilder, bad, ok, sanitize_run_id
 from livestereo.detectors.dectris import cbor
 from livestereo.protocol.codec import ProtocolError
 from livestereo.protocol.messages import Calibration
@@ -80,6 +80,7 @@ class DectrisSource:
         self._run: RunBuilder | None = None
         self._mask: PixelMask | None = None
         self._batch: np.ndarray | None = None
+        self._batches = BatchPool()
         self._batch_n = 0
         self._batch_first = 0
         self._batch_t0 = 0.0
@@ -324,7 +325,7 @@ class DectrisSource:
         self._run = RunBuilder(run_id=run_id, scan_shape=scan, frame_shape=frame_shape, dtype=dtype.name,
                                calibration=self.calibration, metadata=md, repeat=repeat, disc_center_hint=disc)
         self._pending.append(ok(self._run.start))
-        self._batch = np.empty((self.frames_per_message, *frame_shape), dtype=dtype)
+        self._batch = self._batches.get((self.frames_per_message, *frame_shape), dtype)
         self._batch_n = 0
 
     def _image(self, index: int, arr: cbor.EncodedArray, nbytes: int, channel=None, series_id=None) -> None:
@@ -359,7 +360,7 @@ class DectrisSource:
         run = self._run
         assert run is not None and self._batch is not None and self._mask is not None
         data = self._batch[:n]
-        self._batch = np.empty_like(self._batch)  # the message keeps the filled one
+        self._batch = self._batches.get(self._batch.shape, self._batch.dtype)  # not one a message still holds
         self._batch_n = 0
         first = self._batch_first
         if first < run.next_index:
