@@ -51,6 +51,11 @@ log = logging.getLogger("livestereo.daemon")
 ScanSink = Callable[[ScanImages], None]
 
 
+#: free heap pages go back to the system at most this often (s): every small, fast scan
+#: would also hand back the pages of the receive buffers, which ingest then faults in again
+TRIM_INTERVAL_S = 2.0
+
+
 class ResultsWriter(threading.Thread):
     """Writes each finished scan to HDF5 and each run summary to JSON, off the ingest thread.
 
@@ -77,6 +82,7 @@ class ResultsWriter(threading.Thread):
         self.analysis_errors = 0
         self.scan_results: dict[str, list[dict]] = {}
         """run id -> per finished scan: {"scan", "hdf5", "complete", <analysis name>: summary}."""
+        self._last_trim = 0.0
 
     def run(self) -> None:
         lower_thread_priority(self.niceness)
@@ -150,7 +156,10 @@ class ResultsWriter(threading.Thread):
                     fn(scan, result, path)
                 except Exception as exc:
                     self._analysis_failed(a, scan, exc)
-        release_free_memory()  # a long series must not creep up (livestereo.daemon.memory)
+        now = time.monotonic()
+        if now - self._last_trim >= TRIM_INTERVAL_S:  # a long series must not creep up (livestereo.daemon.memory)
+            self._last_trim = now
+            release_free_memory()
         entry: dict[str, Any] = {"scan": scan.scan, "hdf5": path.name if path else None, "complete": scan.complete,
                                  **summaries}
         self.scan_results.setdefault(scan.run_id, []).append(entry)
