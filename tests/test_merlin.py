@@ -274,8 +274,8 @@ def test_open_source_url():
 
     frames = np.ones((4, 4, 4), np.uint16)
     with MerlinSimulator(frames, scan_shape=(2, 2)) as sim:
-        src = open_source(f"merlin://127.0.0.1:{sim.port}?hot=1,1;2,2&batch=2")
-        assert src.name == f"Merlin tcp://127.0.0.1:{sim.port}"
+        src = open_source(f"merlin://127.0.0.1:{sim.port}?hot=1,1;2,2&batch=2&threaded=0")
+        assert src.name == f"Merlin tcp://127.0.0.1:{sim.port}" and not src.threaded
         items = collect(src)
         src.close()
     assert items[0].message.metadata["masked_pixels"] == 2
