@@ -36,6 +36,8 @@ examples:
   livestereo run --config configs/daemon.toml --record today.lsrec
   livestereo run --source recording.lsrec          (offline, no socket)
   livestereo run --source merlin://127.0.0.1:6342 --set layout.radius_mrad=8
+  livestereo run --source "dectris://10.0.0.5:31001?rest=80&arm=1&images=scan" --scan-shape 256 256
+                                                   (arm a DECTRIS DCU over its SIMPLON API, then read the scan)
 """
 
 log = logging.getLogger("livestereo.run")
@@ -48,7 +50,9 @@ def register(p: argparse.ArgumentParser) -> None:
     add_set_argument(p)
     p.add_argument("--endpoint", help="stream endpoint to connect to (default tcp://127.0.0.1:5555)")
     p.add_argument("--pattern", choices=("pull", "sub"), help="pull (lossless, default) or sub (watch a PUB stream)")
-    p.add_argument("--source", help="another source instead of --endpoint: a file (recording, .npy, .h5, .mib), merlin://HOST:PORT or dectris://HOST:PORT")
+    p.add_argument("--source", help="another source instead of --endpoint: a file (recording, .npy, .h5, .mib), merlin://HOST:PORT "
+                   "or dectris://HOST:PORT; DECTRIS options: ?rest=PORT (SIMPLON API) &arm=1 &trigger=1 &images=scan|N "
+                   "&header_detail=basic &channel=NAME (README 'Real detectors')")
     p.add_argument("--layout", choices=("stereo", "multiview", "bf_adf", "segments"), help="virtual detector layout (default stereo)")
     p.add_argument("--k", type=int, help="number of views for --layout multiview")
     p.add_argument("--radius-mrad", type=float, help="radius of each view region in the BF disc (mrad)")
