@@ -135,6 +135,56 @@ def test_pipeline_partial_scan_and_any_baseline(tiny_weights):
     assert r["binning"] == 5 and np.isfinite(r["disparity"]).all()
 
 
+def test_warmed_pipeline_equals_eager(tiny_weights):
+    """Frozen graphs (DislocationPipeline.warm) give the eager networks' maps for full scans of
+    the warmed shape; other shapes (partial snapshots) stay eager and are unchanged."""
+    q = _pair(64, 64, seed=3)
+    for th in (q["thetas_mrad"], np.array([[30.0, 0.0], [-30.0, 0.0]]), np.array([[0.0, -30.0], [0.0, 30.0]])):
+        eager = DislocationPipeline.load(*tiny_weights, device="cpu")
+        warm = DislocationPipeline.load(*tiny_weights, device="cpu")
+        args = (th, q["scan_step_nm"], q["thickness_nm"])
+        assert warm.warm(q["raw"].shape, *args) and not warm.warm(q["raw"].shape, *args)  # once
+        assert {k[0] for k in warm._frozen} == {"detector", "stereo"}
+        partial = np.zeros((64, 64), bool)
+        partial[:37] = True
+        for valid in (None, np.ones((64, 64), bool), partial):
+            a = eager.process(q["raw"], valid, *args)
+            b = warm.process(q["raw"], valid, *args)
+            for key in ("prob", "disparity", "sigma_disparity"):
+                np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-5, err_msg=key)
+                assert np.array_equal(np.isnan(b[key]), np.isnan(a[key]))
+        assert len(warm._frozen) == 2  # the partial scan did not trace anything
+
+
+def test_conv3x3x3_matches_conv3d():
+    from livestereo.inference.stereo_net import Conv3x3x3
+
+    torch.manual_seed(1)
+    for bias in (True, False):
+        for D in (1, 2, 7):
+            m = Conv3x3x3(5, 3, bias=bias)
+            x = torch.randn(2, 5, D, 9, 11)
+            ref = torch.nn.functional.conv3d(x, m.weight, m.bias, padding=1)
+            y = m(x)
+            assert y.shape == ref.shape
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+            # and it trains: the gradients are Conv3d's
+            x.requires_grad_(True)
+            g = torch.autograd.grad(m(x).square().sum(), (x, m.weight))
+            g_ref = torch.autograd.grad(torch.nn.functional.conv3d(x, m.weight, m.bias, padding=1).square().sum(),
+                                        (x, m.weight))
+            for a, b in zip(g, g_ref):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_pipeline_cancelled_after_detection(tiny_weights):
+    pl = DislocationPipeline.load(*tiny_weights, device="cpu")
+    q = _pair(48, 64, seed=4)
+    args = (q["raw"], None, q["thetas_mrad"], q["scan_step_nm"], q["thickness_nm"])
+    assert pl.process(*args, cancelled=lambda: True) is None
+    assert pl.process(*args, cancelled=lambda: False) is not None
+
+
 # ----------------------------------------------------------------------------- training
 def test_detector_steps_lower_the_loss():
     torch.manual_seed(0)

@@ -210,3 +210,39 @@ def test_worker_skips_stale_snapshots_and_ingest_never_waits(harness):
     assert w.skipped > 10 and w.done < 50
     assert ingest_s < 0.2 * 400 / 4  # far below what waiting for every analysis would take
     assert slow.seen == sorted(slow.seen)  # always the newest, never an older one after a newer
+
+
+class _CancelProbe:
+    """A stand-in pipeline: a finished scan starts while a live snapshot is being analysed."""
+
+    cancellable = True
+
+    def __init__(self, ana):
+        self.ana = ana
+        self.calls = []
+
+    def process(self, views, valid, centroids_mrad, scan_step_nm, thickness_nm, cancelled=None):
+        self.calls.append(cancelled is not None)
+        self.ana._finals_started += 1  # what on_scan does when it begins
+        if cancelled is not None and cancelled():
+            return None
+        raise AssertionError("the live analysis should have given up")
+
+
+def test_live_snapshot_gives_up_when_a_scan_finishes(tmp_path):
+    from livestereo.daemon.products import LayoutInfo, ScanImages
+    from livestereo.inference.live import DislocationAnalysis
+    from livestereo.protocol.messages import Calibration
+
+    ana = DislocationAnalysis(tmp_path, thickness_nm=100.0)
+    ana.pipeline = _CancelProbe(ana)
+    shape = (32, 32)
+    valid = np.zeros(shape, bool)
+    valid[:20] = True
+    lay = LayoutInfo(("a", "b"), ("view", "view"), np.array([[-20.0, 0.0], [20.0, 0.0]]), np.ones((2, 8, 8), np.float32),
+                     None, None)
+    snap = ScanImages("r", 0, 5, np.random.default_rng(0).random((2, *shape)) * valid, valid, lay,
+                      Calibration(convergence_semiangle_mrad=30.0, scan_step_nm=1.0), {}, False, False, {})
+    assert ana.applies(snap)
+    assert ana.analyse(snap) is None
+    assert ana.pipeline.calls == [True] and ana.live_skipped_for_final == 1

@@ -194,3 +194,87 @@ def test_pull_returns_only_what_changed():
     assert st.pull(seen) == {}
     st.feed(decode_live(encode_live("status", 3, {"frames_per_s": 5})))
     assert "panels" not in st.pull(seen)
+
+
+class _Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_finished_scan_result_kept_over_a_later_preview_in_the_same_batch():
+    done = dislocation_scan(scan=0, fill=1.0, pub_seq=0, status=False)
+    preview = dislocation_scan(scan=1, fill=0.3, pub_seq=2, status=False)
+    st = fed(done.messages + preview.messages)
+    assert st.latest["dislocations"].scan == 0 and st.latest["dislocations"].data["final"]
+    assert st.latest["snapshot"].scan == 1 and st.finals == 1 and st.received == 4
+    st.feed_batch([decode_live(m) for m in dislocation_scan(scan=1, fill=0.5, pub_seq=4, status=False).messages])
+    assert st.latest["dislocations"].scan == 1  # the next batch's preview replaces it
+
+
+def test_window_holds_from_a_finished_scan_until_its_result():
+    from livestereo.view.app import RedrawPacer
+
+    clock = _Clock()
+    st = ViewState(clock=clock)
+    pacer = RedrawPacer(st, rate_hz=20.0, idle_s=0.5, clock=clock)
+    done = dislocation_scan(scan=0, fill=1.0, pub_seq=0, status=False)
+    st.feed_batch([decode_live(done.messages[0])])  # a final snapshot, no live results yet: no hold
+    assert not st.holding() and pacer.due()
+    st.feed_batch([decode_live(m) for m in dislocation_scan(scan=0, fill=0.6, pub_seq=2, status=False).messages])
+    clock.t += 0.1
+    assert pacer.due()
+    # the scan finishes: its images wait for its 3D result
+    st.feed_batch([decode_live(done.messages[0])])
+    clock.t += 0.1
+    assert st.holding() and not pacer.due() and st.changed.is_set()
+    st.feed_batch([decode_live(dislocation_scan(scan=1, fill=0.05, pub_seq=5, status=False).messages[0])])
+    clock.t += 0.1
+    assert st.holding() and not pacer.due()
+    st.feed_batch([decode_live(done.messages[1])])  # the final result: drawn at once
+    assert not st.holding() and pacer.due()
+    # no result ever comes (e.g. the analysis failed): scan_done ends the hold, else hold_s does
+    st.feed_batch([decode_live(dislocation_scan(scan=1, fill=1.0, pub_seq=7, status=False).messages[0])])
+    assert st.holding()
+    st.feed_batch([decode_live(encode_live("scan_done", 9, {"complete": True}, run_id="synthetic", scan=1))])
+    assert not st.holding()
+    st.feed_batch([decode_live(dislocation_scan(scan=2, fill=1.0, pub_seq=10, status=False).messages[0])])
+    assert st.holding()
+    clock.t += st.hold_s + 0.01
+    assert not st.holding()
+
+
+def test_redraw_pacer_wakes_on_arrival_capped_at_the_rate():
+    import threading
+    import time
+
+    from livestereo.view.app import RedrawPacer
+
+    clock = _Clock()
+    st = ViewState(clock=clock)
+    pacer = RedrawPacer(st, rate_hz=20.0, idle_s=0.5, clock=clock)
+    assert pacer.due()  # first update at once
+    assert not pacer.due()
+    st.changed.set()
+    clock.t += 0.02
+    assert not pacer.due()  # at most 20 per second
+    clock.t += 0.04
+    assert pacer.due() and not st.changed.is_set()
+    clock.t += 0.2
+    assert not pacer.due()  # nothing new
+    clock.t += 0.31
+    assert pacer.due()  # but at least every idle_s (status ages)
+    # blocking: wakes as soon as a batch is folded in, long before idle_s
+    st2 = ViewState()
+    p2 = RedrawPacer(st2, rate_hz=20.0, idle_s=5.0)
+    assert p2.wait()
+    msgs = [decode_live(m) for m in dislocation_scan(scan=0, fill=0.5, status=False).messages]
+    threading.Timer(0.2, st2.feed_batch, args=(msgs,)).start()
+    t0 = time.monotonic()
+    assert p2.wait()
+    assert 0.15 < time.monotonic() - t0 < 1.5
+    stop = threading.Event()
+    threading.Timer(0.1, stop.set).start()
+    assert not p2.wait(stop)

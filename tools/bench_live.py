@@ -16,11 +16,13 @@ for 256x256 scans of 64x64 frames (configs/sim_live_bench.toml) on this machine:
 
 Processes: the simulator (precomputes scan 0 and cycles it, so physics is never the limit),
 the daemon (this script with --daemon, built as ``livestereo run`` builds it), and the
-window (this script with --window: the live window's model and canvas, rendered headless on
-every change at up to 20 Hz, started like ``livestereo run --view`` starts it). Not a test.
+window (this script with --window: the live window's model and canvas, rendered headless as
+soon as something changes, at most 20 times a second, as ``livestereo.view.app`` paces it;
+started like ``livestereo run --view`` starts it). Not a test.
 
     .venv/bin/python tools/bench_live.py            # ~6 minutes
     .venv/bin/python tools/bench_live.py --quick    # ~3 minutes (fewer runs, 10-scan RSS series)
+    .venv/bin/python tools/bench_live.py --only a --scans 12 --set final_niceness=5   # more scans, a daemon setting
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def rss_mb(pid: int | str = "self") -> float:
     return float("nan")
 
 
-def daemon_main(endpoint: str, out: Path, live: bool, publish: str | None, publish_file: Path | None) -> None:
+def daemon_main(endpoint: str, out: Path, live: bool, publish: str | None, publish_file: Path | None,
+                settings: dict | None = None) -> None:
     """Run the daemon as `livestereo run` builds it; print its figures as JSON on the last line."""
     from livestereo.commands.run import make_analyses
     from livestereo.daemon.config import DaemonConfig
@@ -60,7 +63,7 @@ def daemon_main(endpoint: str, out: Path, live: bool, publish: str | None, publi
 
     marks: dict = {}
     cfg = DaemonConfig(endpoint=endpoint, output_dir=out, max_runs=1, idle_timeout_s=120.0, inference=live,
-                       publish=publish)
+                       publish=publish, **(settings or {}))
     daemon = Daemon(cfg, timed_source(endpoint, cfg.rcvhwm, marks), analyses=make_analyses(cfg))
     if publish_file is not None and daemon.publisher is not None:
         publish_file.write_text(daemon.publisher.endpoint)
@@ -141,7 +144,7 @@ class WindowProbe:
             self.state.feed_batch(batch)
 
     def tick(self) -> None:
-        """What the window's 20 Hz timer does: upload what changed and redraw."""
+        """What the window does when its pacer says so: upload what changed and redraw."""
         if self.win.update():
             self.win.render()
             self.renders += 1
@@ -154,14 +157,18 @@ class WindowProbe:
         return {"final": self.final, "finished": self.finished, "renders": self.renders,
                 "window_messages": self.messages, "window_dropped": self.state.dropped}
 
-    def run_until(self, done, period: float = 0.05) -> None:
+    def run_until(self, done, rate_hz: float = 20.0) -> None:
+        """The window's loop (livestereo.view.app.run_headless): update as soon as something
+        arrives, at most rate_hz times a second."""
+        from livestereo.view.app import RedrawPacer
+
+        pacer = RedrawPacer(self.state, rate_hz, idle_s=0.25)
         while not done():
-            t = time.monotonic()
+            pacer.wait()
             self.tick()
-            time.sleep(max(0.0, period - (time.monotonic() - t)))
         for _ in range(3):  # the last results
             self.tick()
-            time.sleep(period)
+            time.sleep(1.0 / rate_hz)
 
     def close(self) -> None:
         self._halt.set()
@@ -191,6 +198,10 @@ def window_main(endpoint: str, stop_file: Path, out_file: Path) -> None:
     out_file.write_text(json.dumps(probe.results()))
 
 
+#: daemon settings from --set (DaemonConfig fields), for every daemon of the run
+SETTINGS: dict = {}
+
+
 def session(scans: int, rate: str, live: bool, window: bool) -> dict:
     """Simulator -> daemon (-> publisher -> window here); the daemon's figures (+ the window's)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,6 +212,8 @@ def session(scans: int, rate: str, live: bool, window: bool) -> dict:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         endpoint = _wait_file(tmp / "sim", sim, "the simulator")
         cmd = [sys.executable, __file__, "--daemon", endpoint, "--out", str(tmp / "out")]
+        if SETTINGS:
+            cmd += ["--settings", json.dumps(SETTINGS)]
         if live:
             cmd += ["--live"]
         if window:
@@ -241,7 +254,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=("a", "b", "c"), action="append", help="run only these parts")
+    ap.add_argument("--scans", type=int, help="scans in (a) (default 6, --quick 4)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a daemon setting (DaemonConfig field, VALUE as JSON or a string), e.g. final_niceness=5")
     ap.add_argument("--daemon", metavar="ENDPOINT", help=argparse.SUPPRESS)
+    ap.add_argument("--settings", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--live", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--publish", help=argparse.SUPPRESS)
@@ -252,11 +269,21 @@ def main() -> None:
         window_main(args.window, args.out / "stop", args.out / "window.json")
         return
     if args.daemon:
-        daemon_main(args.daemon, args.out, args.live, args.publish, args.publish_file)
+        daemon_main(args.daemon, args.out, args.live, args.publish, args.publish_file,
+                    json.loads(args.settings) if args.settings else None)
         return
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item!r}: KEY=VALUE expected")
+        try:
+            SETTINGS[key] = json.loads(value)
+        except json.JSONDecodeError:
+            SETTINGS[key] = value
 
     print(f"machine: {os.cpu_count()} CPU(s); 256x256 scans of 64x64 uint16 frames ({SIM_CONFIG.name}); "
-          "simulator, daemon and window all on this machine", flush=True)
+          "simulator, daemon and window all on this machine"
+          + (f"; daemon settings {SETTINGS}" if SETTINGS else ""), flush=True)
 
     parts = set(args.only or "abc")
     if "a" in parts:
@@ -270,7 +297,7 @@ def main() -> None:
 def latency(args) -> None:
     """(a) latency at a steady rate."""
     rate = "20000"
-    r = session(scans=4 if args.quick else 6, rate=rate, live=True, window=True)
+    r = session(scans=args.scans or (4 if args.quick else 6), rate=rate, live=True, window=True)
     pub, drawn = [], []
     for scan in sorted(r["final"]):
         fin = r["finished"].get(scan)
@@ -285,7 +312,14 @@ def latency(args) -> None:
     for name, xs in (("published", pub), ("window updated", drawn)):
         later = [x for s, x in xs if s > 0] or [x for _, x in xs]
         print(f"  {name:15s} " + "  ".join(f"scan {s}: {1e3 * x:.0f} ms" for s, x in xs)
-              + (f"  | median (scans 1+) {1e3 * statistics.median(later):.0f} ms" if later else "  | none"))
+              + (f"  | median (scans 1+) {1e3 * statistics.median(later):.0f} ms "
+                 f"({1e3 * min(later):.0f}-{1e3 * max(later):.0f})" if later else "  | none"))
+    rx = [f["received"] - f["published"] for s, f in r["final"].items() if s > 0]
+    dr = [f["drawn"] - f["received"] for s, f in r["final"].items() if s > 0 and "drawn" in f]
+    if rx and dr:
+        print(f"  published -> received by the window: median {1e3 * statistics.median(rx):.0f} ms; "
+              f"received -> drawn: median {1e3 * statistics.median(dr):.0f} ms "
+              f"({1e3 * min(dr):.0f}-{1e3 * max(dr):.0f})")
     print(f"  window: {r['renders']} redraws, {r['window_messages']} messages, {r['window_dropped']} dropped; "
           f"live analyses {r['workers']}")
 

@@ -106,8 +106,16 @@ def check_maps(out: dict, k: int, shape: tuple[int, int]) -> tuple[np.ndarray, n
     return prob, disp, sig, out.get("pairs")
 
 
-def process_viewset(pipeline, vs: ViewSet, line_params=None):
+class Cancelled(Exception):
+    """An analysis given up half-way (``process_viewset``'s ``cancelled`` said so)."""
+
+
+def process_viewset(pipeline, vs: ViewSet, line_params=None, cancelled=None):
     """Inference + lines + crystal analysis of one view set.
+
+    ``cancelled``: optional callable, asked between the stages (and passed on to pipelines
+    that take it); when it returns True, :class:`Cancelled` is raised (the live daemon gives
+    up a snapshot's preview when a finished scan needs the CPU).
 
     Returns (DislocationResult, maps dict, seconds dict); the same path the daemon runs on
     snapshots (only the rows holding valid positions are processed)."""
@@ -115,8 +123,12 @@ def process_viewset(pipeline, vs: ViewSet, line_params=None):
     from livestereo.compute.lines import depth_map
 
     t0 = time.perf_counter()
-    out = pipeline.process(vs.views.astype(np.float32), vs.valid, vs.thetas_mrad, vs.scan_step_nm, vs.thickness_nm)
+    kw = {"cancelled": cancelled} if cancelled is not None and getattr(pipeline, "cancellable", False) else {}
+    out = pipeline.process(vs.views.astype(np.float32), vs.valid, vs.thetas_mrad, vs.scan_step_nm, vs.thickness_nm,
+                           **kw)
     t1 = time.perf_counter()
+    if out is None or (cancelled is not None and cancelled()):
+        raise Cancelled()
     prob, disp, sig, pairs = check_maps(out, len(vs.views), vs.valid.shape)
     res = reconstruct_from_maps(prob, disp, vs.thetas_mrad, vs.scan_step_nm, sigma_disparity=sig, valid=vs.valid,
                                 pairs=pairs, thickness_nm=vs.thickness_nm, material=vs.material,

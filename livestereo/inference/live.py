@@ -7,10 +7,13 @@ and in-situ tracking per finished scan.
 - ``analyse(snapshot)`` runs in the daemon's latest-wins worker on the newest snapshot:
   the filled rows of the current scan go through the same :func:`process_viewset` as
   ``livestereo reconstruct``; the lines get provisional track ids (matched against the
-  tracks of the completed scans, without changing them);
+  tracks of the completed scans, without changing them). The run's first snapshot also
+  prepares the networks for its full scans (frozen graphs, ``DislocationPipeline.warm``);
+  a snapshot's analysis that a finished scan overtakes is given up (it is stale, and the
+  CPU goes to the finished scan);
 - ``on_scan(scan)`` runs in the results writer on each finished scan: reconstruction,
   tracking (stable track ids, displacement, velocity), and group ``/dislocations`` of
-  ``scan_NNNN.h5`` (layout below).
+  ``scan_NNNN.h5`` (layout below). Live snapshots wait meanwhile.
 
 ``/dislocations`` in ``scan_NNNN.h5``: what :meth:`DislocationResult.write_hdf5` writes
 (attrs, ``thetas_mrad``, ``lines/NNNN/...``, ``crystal``; each line group also gets the
@@ -36,7 +39,7 @@ from livestereo.compute.tracking import LineTracker, TrackStep
 from livestereo.config import ConfigError
 from livestereo.daemon.live import bin_max, binning_for, ids_of, MAX_IMAGE_SIDE
 from livestereo.daemon.products import ScanImages
-from livestereo.inference.analysis import ViewSet, crystal_from, meta_get, process_viewset
+from livestereo.inference.analysis import Cancelled, ViewSet, crystal_from, meta_get, process_viewset
 
 log = logging.getLogger("livestereo.dislocations")
 
@@ -114,6 +117,7 @@ class DislocationAnalysis:
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()   # the trackers are shared by the live and the final path
         self._finals_running = 0            # finished scans being analysed: live snapshots wait
+        self._finals_started = 0            # a live snapshot's analysis gives up when this moves
         self.live_skipped_for_final = 0
         self._crystal: dict[str, tuple[Any, Any]] = {}
         self._warned: set[tuple[str, str]] = set()
@@ -193,16 +197,31 @@ class DislocationAnalysis:
                 self.trackers[run_id] = LineTracker(**self.track_kw)
             return self.trackers[run_id]
 
-    def _process(self, snap: ScanImages):
+    def _process(self, snap: ScanImages, cancelled=None):
         if self.pipeline is None:
             self.prepare()
             if self.pipeline is None:
                 raise RuntimeError(f"dislocation inference unavailable: {self.error}")
         vs = self.viewset(snap)
+        if not snap.final:  # a finished scan never waits for tracing: it runs eager until then
+            self._warm(snap, vs)
         # no lock: inference does not change the networks, so a finished scan (normal
         # priority) never waits for a live snapshot's analysis (lower priority) to end
-        res, maps, secs = process_viewset(self.pipeline, vs, self.line_params)
+        res, maps, secs = process_viewset(self.pipeline, vs, self.line_params, cancelled=cancelled)
         return vs, res, maps, secs
+
+    def _warm(self, snap: ScanImages, vs: ViewSet) -> None:
+        """Prepare the networks for this run's full scans (frozen graphs, see
+        DislocationPipeline.warm): once per shape and geometry, normally in the live worker on
+        the run's first snapshot, so the finished scans never wait for it."""
+        warm = getattr(self.pipeline, "warm", None)
+        if warm is None:
+            return
+        try:
+            if warm(np.shape(vs.views), vs.thetas_mrad, vs.scan_step_nm, vs.thickness_nm):
+                log.info("run %s: networks prepared for %dx%d scans", snap.run_id, *np.shape(vs.views)[1:])
+        except Exception as exc:  # eager inference still works
+            log.warning("run %s: could not prepare the networks for full scans: %s", snap.run_id, exc)
 
     # ------------------------------------------------------------------ live
     def analyse(self, snap: ScanImages) -> DislocationOutcome | None:
@@ -215,7 +234,14 @@ class DislocationAnalysis:
         rows = int(np.count_nonzero(np.asarray(snap.valid).any(axis=1)))
         if rows < min(self.min_rows, snap.valid.shape[0]):
             return None
-        vs, res, maps, secs = self._process(snap)
+        started = self._finals_started
+        try:
+            # a scan that finishes meanwhile gives this (already stale) preview up: the CPU and
+            # the GIL go to the finished scan, not to a low-priority thread that holds them
+            vs, res, maps, secs = self._process(snap, lambda: self._finals_started != started)
+        except Cancelled:
+            self.live_skipped_for_final += 1
+            return None
         curves = [ln.points_nm for ln in res.lines]
         tr = self.tracker(snap.run_id)
         with self._run_lock:
@@ -235,6 +261,7 @@ class DislocationAnalysis:
         """Reconstruct and track a finished scan (:meth:`write_result` adds it to the scan's file)."""
         with self._run_lock:
             self._finals_running += 1
+            self._finals_started += 1
         try:
             vs, res, maps, secs = self._process(scan)
         finally:

@@ -258,6 +258,10 @@ def _fmt_rate(x: float | None, unit: str = "") -> str:
 # ---------------------------------------------------------------- the state
 
 
+#: topics carrying an analysis result (live previews and each finished scan's, ``final``)
+RESULT_TOPICS = ("dislocations", "particles")
+
+
 class ViewState:
     """The newest content of every topic plus display-ready arrays; thread-safe.
 
@@ -284,6 +288,14 @@ class ViewState:
         self.info_text = ""
         self._base_panels: list[tuple[str, tuple[int, int, int], np.ndarray, np.ndarray | None, str]] = []
         self._panel_key: tuple | None = None
+        self.changed = threading.Event()
+        """Set after every batch folded in; the window's loop waits on it (and clears it)
+        instead of polling, so a new result is drawn as soon as it is ready."""
+        self.finals = 0
+        """Final (per-scan) dislocation / particle results folded in so far."""
+        self.hold_s = 1.0
+        """Longest wait for a finished scan's result (see :meth:`holding`)."""
+        self._hold: tuple[str | None, int, float] | None = None  # (run id, scan, until)
 
     # -- input
 
@@ -320,6 +332,11 @@ class ViewState:
         with self._lock:
             for m in msgs:
                 self._count(m)
+                prev = newest.get(m.topic)
+                if prev is not None and m.topic in RESULT_TOPICS and prev.data.get("final") and not m.data.get("final"):
+                    # a finished scan's result followed, in the same batch, by a preview of the
+                    # next scan: show the finished one (the next preview replaces it soon enough)
+                    continue
                 newest[m.topic] = m
                 if m.topic == "scan_done":
                     done.append(m)
@@ -334,6 +351,27 @@ class ViewState:
                     with self._lock:
                         self.decode_errors += 1
         self._update_texts()
+        n_final = sum(1 for t in RESULT_TOPICS if t in newest and newest[t].data.get("final"))
+        if n_final:
+            with self._lock:
+                self.finals += n_final
+        self.changed.set()
+
+    def holding(self) -> bool:
+        """True while a finished scan's result is on its way: from the scan's final snapshot
+        (in runs that have live results) until its final result or its ``scan_done`` arrives,
+        at most ``hold_s``. The window draws nothing meanwhile, so its CPU goes to the daemon
+        reconstructing that scan, and the scan's images and 3D result appear together."""
+        with self._lock:
+            h = self._hold
+            if h is not None and self._clock() >= h[2]:
+                self._hold = h = None
+            return h is not None
+
+    def _release(self, msg: LiveMessage) -> None:
+        h = self._hold
+        if h is not None and msg.run_id == h[0] and msg.scan is not None and msg.scan >= h[1]:
+            self._hold = None
 
     # -- per topic
 
@@ -350,6 +388,7 @@ class ViewState:
     def _fold_scan_done(self, msg: LiveMessage) -> None:
         self._maybe_new_run(msg)
         with self._lock:
+            self._release(msg)
             self.latest["scan_done"] = msg
             self.scans_done.append({"scan": msg.scan, "run_id": msg.run_id, **msg.data})
             self.n_scans_done += 1
@@ -392,6 +431,9 @@ class ViewState:
                 base.append((name, detector_color(i), rgba, v, name))
         with self._lock:
             self.latest["snapshot"] = msg
+            if d.get("final") and msg.scan is not None and any(
+                    (r := self.latest.get(t)) is not None and r.run_id == msg.run_id for t in RESULT_TOPICS):
+                self._hold = (msg.run_id, int(msg.scan), self._clock() + self.hold_s)
             if pattern is not None:
                 self.pattern = pattern
                 self.versions["pattern"] += 1
@@ -401,6 +443,8 @@ class ViewState:
     def _fold_dislocations(self, msg: LiveMessage) -> None:
         self._maybe_new_run(msg)
         with self._lock:
+            if msg.data.get("final"):
+                self._release(msg)
             self.latest["dislocations"] = msg
         self._compose_panels()
         self._build_scene()
@@ -408,6 +452,8 @@ class ViewState:
     def _fold_particles(self, msg: LiveMessage) -> None:
         self._maybe_new_run(msg)
         with self._lock:
+            if msg.data.get("final"):
+                self._release(msg)
             self.latest["particles"] = msg
         self._compose_panels()
         self._build_scene()

@@ -7,10 +7,11 @@ Layout (a grid)::
     [3D view: lines coloured by depth in the foil box, axes, particles]  [dislocations, velocities]
     status: frames/s, GB/s, dropped, latency
 
-:meth:`LiveWindow.update` (called by a ~20 Hz timer, or by the headless loop) pulls what
-changed from the model and only uploads it: RGBA textures for the images (already composed
-and at most 512 px in the client thread), vertex buffers for the 3D lines, label text. The
-grid is rebuilt only when the number of images changes.
+:meth:`LiveWindow.update` (called as soon as something new arrived, at most ~20 times a
+second, see ``livestereo.view.app.RedrawPacer``) pulls what changed from the model and only
+uploads it: RGBA textures for the images (already composed and at most 512 px in the
+client thread), vertex buffers for the 3D lines, label text. The grid is rebuilt only when
+the number of images changes.
 
 Import this module only after the vispy app backend is chosen (see ``livestereo.view.app``).
 """
