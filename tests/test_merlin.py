@@ -442,14 +442,16 @@ def test_large_frames_small_chunks_threaded():
     assert np.array_equal(frames_of(items), frames)
 
 
-def test_threaded_source_hands_out_views_and_reuses_only_free_buffers():
+@pytest.mark.parametrize("threaded", [True, False])
+def test_source_hands_out_views_and_reuses_only_free_buffers(threaded):
     """U16 frames travel as big-endian views of the receive buffer (no copy). A consumer
     that keeps them sees them intact while the reader goes on; one that drops them lets the
     reader reuse its buffers (a bounded number allocated over a long stream)."""
     rng = np.random.default_rng(7)
     frames = rng.integers(0, 4096, size=(40, 32, 32), dtype=np.uint16)
     with MerlinSimulator(frames, scan_shape=(5, 8), repeat=30) as sim:
-        src = MerlinSource("127.0.0.1", sim.port, frames_per_message=8, recv_chunk_bytes=20_000)  # ~120 chunks
+        src = MerlinSource("127.0.0.1", sim.port, frames_per_message=8, recv_chunk_bytes=20_000,  # ~120 chunks
+                           threaded=threaded)
         kept = []
         n = 0
         t0 = time.monotonic()

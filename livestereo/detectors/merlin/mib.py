@@ -317,6 +317,36 @@ def decode_payloads(buf, offset: int, stride: int, count: int, header: FrameHead
 
 
 @numba.njit(nogil=True, cache=True)
+def scan_frame_messages(raw, lo, stride, k, prefix, fixed, seqs):
+    """How many of the ``k`` frame messages at raw[lo], raw[lo + stride], ... look like
+    the first one and follow on from it: the MPX prefix ``prefix`` (bytes 0-14, which hold
+    the length), ``MQ1,``, six digits of sequence number, then the header fields ``fixed``
+    (bytes 25 to 25 + len(fixed)), with consecutive sequence numbers. Writes the sequence
+    numbers into seqs[:n] and returns n (0: the first differs). raw: flat uint8 bytes."""
+    n_fixed = fixed.shape[0]
+    for i in range(k):
+        b = lo + i * stride
+        for j in range(15):
+            if raw[b + j] != prefix[j]:
+                return i
+        if raw[b + 15] != 77 or raw[b + 16] != 81 or raw[b + 17] != 49 or raw[b + 18] != 44:  # "MQ1,"
+            return i
+        seq = 0
+        for j in range(19, 25):
+            c = raw[b + j]
+            if c < 48 or c > 57:
+                return i
+            seq = seq * 10 + (c - 48)
+        if i > 0 and seq != seqs[i - 1] + 1:
+            return i
+        for j in range(n_fixed):
+            if raw[b + 25 + j] != fixed[j]:
+                return i
+        seqs[i] = seq
+    return k
+
+
+@numba.njit(nogil=True, cache=True)
 def _swap16(raw, offset, stride, out):
     """out[i, p] = the big-endian uint16 at raw[offset + i * stride + 2 p] (raw: flat uint8)."""
     npx = out.shape[1]

@@ -18,6 +18,7 @@ item; the source resynchronises on the next ``MPX,`` and goes on.
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import socket
 import struct
@@ -35,8 +36,6 @@ from livestereo.protocol.messages import Calibration
 from livestereo.protocol.source import Received
 
 MAX_MESSAGE_BYTES = 256 << 20
-_MQ1 = np.frombuffer(b"MQ1,", np.uint8)
-_POW10 = 10 ** np.arange(5, -1, -1, dtype=np.int64)
 
 
 class MerlinControlError(RuntimeError):
@@ -134,6 +133,13 @@ class MerlinControl:
         return out
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class _Reader(threading.Thread):
     """Reads the data socket in chunks, on its own thread (``start()``: recv releases the
     GIL, so the kernel's copy of the next bytes overlaps the consumer's work on the
@@ -156,7 +162,7 @@ class _Reader(threading.Thread):
         self.reserve = reserve
         self.idle_s = idle_s
         self.ready: queue.Queue = queue.Queue()
-        self.free: queue.Queue = queue.Queue()
+        self.free: collections.deque[bytearray] = collections.deque()  # append / popleft are atomic
         self.stop = threading.Event()
         self._spare: list[bytearray] = []
         self._n_max = n_buffers
@@ -167,8 +173,8 @@ class _Reader(threading.Thread):
     def _collect(self) -> None:
         while True:
             try:
-                self._spare.append(self.free.get_nowait())
-            except queue.Empty:
+                self._spare.append(self.free.popleft())
+            except IndexError:
                 return
 
     def _buffer(self, need: int) -> bytearray | None:
@@ -184,10 +190,7 @@ class _Reader(threading.Thread):
                     self._spare.pop(0)
                 self.allocated += 1
                 return bytearray(need)
-            try:  # the consumer is behind: wait for it
-                self._spare.append(self.free.get(timeout=0.05))
-            except queue.Empty:
-                continue
+            time.sleep(0.0005)  # the consumer is behind: wait for it
         return None
 
     def fill_one(self, timeout_s: float | None = None):
@@ -236,7 +239,8 @@ class _Geometry:
     def __init__(self, header: mib.FrameHeader, msg_total: int, first_bytes: bytes):
         self.header = header
         self.msg_total = msg_total
-        self.prefix = np.frombuffer(first_bytes[:15], np.uint8).copy()
+        self.prefix_bytes = bytes(first_bytes[:15])
+        self.prefix = np.frombuffer(self.prefix_bytes, np.uint8).copy()
         # header bytes after the 6-digit sequence number: ',00384,01,0256,0256,U16,   1x1,'
         self.fixed = np.frombuffer(first_bytes[15 + 10:15 + 41], np.uint8).copy()
         self.payload_offset = 15 + header.header_nbytes
@@ -257,8 +261,10 @@ class MerlinSource:
     frames_per_message: batch size; a partial batch goes out after ``max_batch_wait_s``.
     reconnect: connect again after the detector closed the data connection (``arm`` then
     arms again). threaded: read the socket on a helper thread (False: on the caller's
-    thread, between its parsing), in chunks of at least ``recv_chunk_bytes`` bytes and
-    of a whole batch of frames.
+    thread, between its parsing), in chunks of ``recv_chunk_bytes`` bytes (at least two
+    frames; small enough that a chunk is still in the cache when it is parsed and
+    reduced). Default: a helper thread only with 4 or more usable CPUs; with fewer it
+    competes with the consumer for a core (measured slower on 2).
 
     U16 / U32 frames go downstream without a copy, as big-endian views of the chunk they
     were received in (the daemon's accumulator reads them in place); a chunk's memory is
@@ -273,7 +279,7 @@ class MerlinSource:
                  calibration: Calibration | None = None, frames_per_message: int = 64,
                  hot_pixels: Iterable[tuple[int, int]] = (), mask: np.ndarray | None = None,
                  depth: int | None = None, run_prefix: str = "merlin", max_batch_wait_s: float = 0.05,
-                 reconnect: bool = True, recv_chunk_bytes: int = 2 << 20, threaded: bool = True):
+                 reconnect: bool = True, recv_chunk_bytes: int = 2 << 20, threaded: bool | None = None):
         self.host, self.port = host, int(port)
         self.name = f"Merlin tcp://{host}:{port}"
         self.control_port = control_port
@@ -288,7 +294,7 @@ class MerlinSource:
         self.max_batch_wait_s = max_batch_wait_s
         self.reconnect = reconnect
         self.recv_chunk_bytes = recv_chunk_bytes
-        self.threaded = threaded
+        self.threaded = bool(threaded) if threaded is not None else _usable_cpus() >= 4
         self._reader: _Reader | None = None
         self._reserve = 4 << 20
         self.control_parameters: dict[str, str] = {}
@@ -313,6 +319,7 @@ class MerlinSource:
         self._out: np.ndarray | None = None  # the batch being filled
         self._batches = BatchPool()
         self._out_seqs = np.empty(0, dtype=np.int64)
+        self._seqs = np.empty(0, dtype=np.int64)  # sequence numbers of the frames being checked
         self._out_n = 0
         self._out_t0: float | None = None
         self._out_geom: _Geometry | None = None
@@ -440,6 +447,13 @@ class MerlinSource:
             except queue.Empty:
                 return
         else:
+            g = self._geom
+            if g is not None:
+                # end the chunk 4 bytes into a frame message ('MPX,'): the last whole frame
+                # can then be checked and handed on at once, and only those 4 bytes carry over
+                tail = self._hi - self._lo
+                k = max(2, self.recv_chunk_bytes // g.msg_total)
+                r.chunk = k * g.msg_total + 4 - tail if tail < g.msg_total else max(self.recv_chunk_bytes, 2 * g.msg_total)
             try:
                 item = r.fill_one(wait_s)
             except OSError as exc:
@@ -458,7 +472,7 @@ class MerlinSource:
             nb = bytearray(tail + (end - start))
             nb[:tail] = old[self._lo:self._hi]
             nb[tail:] = buf[start:end]
-            r.free.put(buf)
+            r.free.append(buf)
             new_lo, new_hi, new_buf = 0, len(nb), nb
         else:
             if tail:
@@ -466,7 +480,7 @@ class MerlinSource:
             new_lo, new_hi, new_buf = start - tail, end, buf
         self._stream_offset = self._stream_offset + self._lo - new_lo  # keeps offset(lo) continuous
         if old is not new_buf and len(old):
-            r.free.put(old)
+            r.free.append(old)
         self._buf, self._lo, self._hi = new_buf, new_lo, new_hi
         self.counters["bytes"] += end - start
 
@@ -488,6 +502,12 @@ class MerlinSource:
             avail = hi - lo
             if avail < 4:
                 break
+            g = self._geom
+            if g is not None and buf.startswith(g.prefix_bytes, lo) and buf.startswith(b"MQ1,", lo + 15):
+                # the next frame of the current geometry (its length field is the same)
+                if not self._frames(flush, g.msg_total):
+                    break
+                continue
             if buf[lo:lo + 4] != b"MPX,":
                 self._resync("bad_mpx_prefix", f"expected 'MPX,' at stream byte offset {self._stream_offset + lo}, "
                              f"got {bytes(buf[lo:lo + 16])!r}")
@@ -529,7 +549,7 @@ class MerlinSource:
         self._stream_offset += lo
         self._buf, self._lo, self._hi = nb, 0, hi - lo
         if self._reader is not None and len(old):
-            self._reader.free.put(old)
+            self._reader.free.append(old)
 
     def _next_ok(self, pos: int, final: bool) -> bool | None:
         """Whether a message ending at ``pos`` is followed by a new MPX message: True if so,
@@ -580,8 +600,7 @@ class MerlinSource:
         self._reserve = max(self._reserve, 2 * total + 64)
         if self._reader is not None:
             self._reader.reserve = self._reserve
-            # a chunk holds a whole batch: the frames then go downstream as one view
-            self._reader.chunk = max(self.recv_chunk_bytes, 2 * total, self.frames_per_message * total)
+            self._reader.chunk = max(self.recv_chunk_bytes, 2 * total)
         return True
 
     def _skip_frame(self, lo: int, total: int, reason: str, detail: str) -> bool | None:
@@ -616,16 +635,16 @@ class MerlinSource:
                 self._grow(total)
             return False
         k = min(k, max(self.frames_per_message, 1))
-        arr = np.ndarray((k, 15 + 41), dtype=np.uint8, buffer=self._buf, offset=lo, strides=(total, 1))
-        good = (arr[:, :15] == g.prefix).all(axis=1)
-        good &= (arr[:, 15:19] == _MQ1).all(axis=1)
-        good &= (arr[:, 15 + 10:15 + 41] == g.fixed).all(axis=1)
-        nb = k if bool(good.all()) else int(np.argmin(good))
+        if self._seqs.shape[0] < k:
+            self._seqs = np.empty(k, dtype=np.int64)
+        # one compiled pass over the k headers; it stops at a header that differs and at a
+        # jump in the sequence numbers, so the frames staged below are always consecutive
+        nb = mib.scan_frame_messages(np.frombuffer(self._buf, np.uint8), lo, total, k, g.prefix, g.fixed, self._seqs)
         if nb == 0:
             # the first frame differs from the geometry: read its header again
             self._geom = None
             return self._frame_geometry(lo, total) is not None
-        seqs = (arr[:nb, 19:25].astype(np.int64) - 48) @ _POW10
+        seqs = self._seqs[:nb]
         n_acq = (self._acq or {}).get("n_frames")
         is_last = bool(n_acq) and int(seqs[-1]) >= n_acq
         # the last accepted frame must be followed by an MPX message (catches frames cut short)
@@ -677,7 +696,7 @@ class MerlinSource:
             data = np.ndarray((nb, h.y, h.x), dtype=g.big_endian, buffer=self._buf, offset=lo + g.payload_offset,
                               strides=(g.msg_total, h.x * isz, isz))
             self.counters["frames"] += nb
-            self._deliver_split(data, seqs[:nb], g)
+            self._deliver(data, int(seqs[0]), nb * g.msg_total)  # consecutive (scan_frame_messages)
             return
         i = 0
         while i < nb:
