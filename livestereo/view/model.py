@@ -45,6 +45,9 @@ DETECTOR_COLORS = (
 )
 """One colour per virtual detector: its region outline and its panel title."""
 OVERLAY_THRESHOLD = 0.2
+OVERLAY_MAX_ALPHA = 0.65
+"""Opacity of the overlay where the line probability is 1: the image stays visible beneath
+(contrast along a line is what a microscopist checks the detection against)."""
 """Probabilities below this are not drawn."""
 
 _DEPTH_STOPS = np.array([  # deep (bottom of the foil) ... shallow (top): blue, cyan, green, yellow, red
@@ -504,7 +507,7 @@ class ViewState:
             h, w = rgba.shape[:2]
             if i in overlays:
                 p = resample(overlays[i], (h, w), "max").astype(np.float32) * (1 / 255.0)
-                a = np.where(p >= OVERLAY_THRESHOLD, 0.35 + 0.65 * p, 0.0).astype(np.float32)
+                a = np.where(p >= OVERLAY_THRESHOLD, OVERLAY_MAX_ALPHA * (0.5 + 0.5 * p), 0.0).astype(np.float32)
                 out = rgba.copy()
                 blend(out, a, OVERLAY_RGB)
             if circles is not None and i < circles[0].shape[1]:
