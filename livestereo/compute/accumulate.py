@@ -423,12 +423,12 @@ _span_sum_be_jit = numba.njit(nogil=True, cache=True)(_span_sum_be)
 
 
 @numba.njit(nogil=True, cache=True)
-def _reduce_frame_be(row, nxt, nxt_at, table, coef, exc_pix, exc_dw, wflat, pf_pix, acc):
+def _reduce_frame_be(row, nxt, nxt_at, table, coef, exc_pix, exc_dw, wflat, pf_pix, acc, scratch):
     """_reduce_frame for a frame of big-endian unsigned integers, ``row`` its words read
-    natively, in the same order and precision (integer piece sums are exact; weighted
-    pieces use the same four lanes), so it gives the same bits as the native kernel on the
-    byte-swapped frame. The next frame, prefetched meanwhile, starts at nxt[nxt_at]
-    (nxt_at < 0: none)."""
+    natively, in the same order and precision (integer piece sums are exact; a weighted
+    piece is swapped into ``scratch`` and summed by the same function), so it gives the same
+    bits as the native kernel on the byte-swapped frame. The next frame, prefetched
+    meanwhile, starts at nxt[nxt_at] (nxt_at < 0: none)."""
     for d in range(acc.shape[0]):
         acc[d] = 0.0
     for s in range(table.shape[0]):
@@ -445,27 +445,18 @@ def _reduce_frame_be(row, nxt, nxt_at, table, coef, exc_pix, exc_dw, wflat, pf_p
             acc[table[s, _DET]] += t
         else:
             n = b - a
-            s0 = 0.0
-            s1 = 0.0
-            s2 = 0.0
-            s3 = 0.0
-            n4 = n - n % 4
-            for k in range(0, n4, 4):
-                s0 += np.float64(wflat[o + k]) * np.float64(_bswap(row[a + k]))
-                s1 += np.float64(wflat[o + k + 1]) * np.float64(_bswap(row[a + k + 1]))
-                s2 += np.float64(wflat[o + k + 2]) * np.float64(_bswap(row[a + k + 2]))
-                s3 += np.float64(wflat[o + k + 3]) * np.float64(_bswap(row[a + k + 3]))
-            for k in range(n4, n):
-                s0 += np.float64(wflat[o + k]) * np.float64(_bswap(row[a + k]))
-            acc[table[s, _DET]] += (s0 + s1) + (s2 + s3)
+            for k in range(n):
+                scratch[k] = _bswap(row[a + k])
+            acc[table[s, _DET]] += _weighted_sum_jit(wflat[o : o + n], scratch[:n])
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate_be(words, count, stride, npix, table, coef, exc_pix, exc_dw, wflat, pf_pix, images, first):
+def _accumulate_be(words, count, stride, npix, table, coef, exc_pix, exc_dw, wflat, pf_pix, images, first, scratch):
     """_accumulate_serial for big-endian unsigned frames, read where they lie (no
     byte-swapped copy). Frame i starts ``i * stride`` bytes after frame 0, which may put
     it at any byte alignment, so ``words`` holds one native word view per alignment:
-    words[k][j] is the word at byte k + j * itemsize after the start of frame 0."""
+    words[k][j] is the word at byte k + j * itemsize after the start of frame 0.
+    scratch: (npix,) of the native dtype, for the weighted pieces."""
     n_det = images.shape[0]
     acc = np.zeros(n_det, dtype=np.float64)
     isz = len(words)
@@ -474,9 +465,9 @@ def _accumulate_be(words, count, stride, npix, table, coef, exc_pix, exc_dw, wfl
         row = words[b % isz][b // isz:b // isz + npix]
         if i + 1 < count:
             nb = b + stride
-            _reduce_frame_be(row, words[nb % isz], nb // isz, table, coef, exc_pix, exc_dw, wflat, pf_pix, acc)
+            _reduce_frame_be(row, words[nb % isz], nb // isz, table, coef, exc_pix, exc_dw, wflat, pf_pix, acc, scratch)
         else:
-            _reduce_frame_be(row, row, -1, table, coef, exc_pix, exc_dw, wflat, pf_pix, acc)
+            _reduce_frame_be(row, row, -1, table, coef, exc_pix, exc_dw, wflat, pf_pix, acc, scratch)
         for d in range(n_det):
             images[d, first + i] = acc[d]
 
@@ -608,6 +599,7 @@ class Accumulator:
         self.plan = cached_plan(w)
         self.choice = kernel_choice(self.plan)
         self._kernel_tail: dict[np.dtype, tuple] = {}
+        self._scratch: np.ndarray | None = None  # big-endian frames: their weighted pieces, swapped
         self.images = np.zeros((self.n_det, self.n_positions), dtype=np.float64)
         self.filled = np.zeros(self.n_positions, dtype=bool)
 
@@ -690,7 +682,10 @@ class Accumulator:
         native = frames.dtype.newbyteorder("=")
         words = tuple(raw[k:k + (size - k) // isz * isz].view(native) for k in range(isz))
         _zero, table, coef, exc_pix, exc_dw, wflat, pf_pix, images = tail
-        _accumulate_be(words, count, stride, self.npix, table, coef, exc_pix, exc_dw, wflat, pf_pix, images, first)
+        if self._scratch is None or self._scratch.dtype != native:
+            self._scratch = np.empty(self.npix, dtype=native)
+        _accumulate_be(words, count, stride, self.npix, table, coef, exc_pix, exc_dw, wflat, pf_pix, images, first,
+                       self._scratch)
 
     def _tail_for(self, dt: np.dtype) -> tuple:
         """Kernel arguments after the frames (up to ``first``) for frames of dtype dt."""
