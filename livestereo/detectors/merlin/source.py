@@ -6,10 +6,10 @@ Its control port (default 6341) takes ``MPX,<len>,GET|SET|CMD,...`` commands
 (:class:`MerlinControl`): livestereo can read the parameters and arm it
 (``CMD,STARTACQUISITION``, optionally ``CMD,SOFTTRIGGER``).
 
-:class:`MerlinSource` connects to the data port, parses the byte stream in batches (a run
-of equal-sized frame messages is checked with a few vectorised byte comparisons and
-converted from big-endian in one numpy operation per batch), and hands out livestereo
-start / frames / end messages. Bad input (a prefix that is not ``MPX,``, a frame whose
+:class:`MerlinSource` connects to the data port, reads it in chunks, checks each chunk's
+run of equal-sized frame messages in one compiled pass over their headers, and hands out
+livestereo start / frames / end messages; U16 / U32 frames stay in the chunk as big-endian
+views (no copy), the rest are decoded into reused native batches. Bad input (a prefix that is not ``MPX,``, a frame whose
 header disagrees with its length, an unknown pixel type, a frame cut short, a connection
 closed mid-frame, lost frames, an acquisition restarted mid-scan) gives a ProtocolError
 item; the source resynchronises on the next ``MPX,`` and goes on.
