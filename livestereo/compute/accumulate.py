@@ -613,7 +613,9 @@ class Accumulator:
 
         Args:
             frames: (count, *item_shape) of uint8/uint16/uint32/int16/int32/float32;
-                C-contiguous (else copied), may be read-only.
+                C-contiguous (else copied), may be read-only. Big-endian uint16 / uint32
+                frames whose pixels are contiguous within each frame (the frames may lie
+                apart, as in a detector's receive buffer) are read in place, not copied.
             first: flat scan index of frames[0]; 0 <= first and first + count <= n_positions.
 
         Sets images[:, first + i] = weights @ frames[i] (assigned, not added) and

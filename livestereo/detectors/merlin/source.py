@@ -9,10 +9,11 @@ Its control port (default 6341) takes ``MPX,<len>,GET|SET|CMD,...`` commands
 :class:`MerlinSource` connects to the data port, reads it in chunks, checks each chunk's
 run of equal-sized frame messages in one compiled pass over their headers, and hands out
 livestereo start / frames / end messages; U16 / U32 frames stay in the chunk as big-endian
-views (no copy), the rest are decoded into reused native batches. Bad input (a prefix that is not ``MPX,``, a frame whose
-header disagrees with its length, an unknown pixel type, a frame cut short, a connection
-closed mid-frame, lost frames, an acquisition restarted mid-scan) gives a ProtocolError
-item; the source resynchronises on the next ``MPX,`` and goes on.
+views (no copy), the rest are decoded into reused native batches. Bad input (a prefix that
+is not ``MPX,``, a frame whose header disagrees with its length, an unknown pixel type, a
+frame cut short, a connection closed mid-frame, lost frames, an acquisition restarted
+mid-scan) gives a ProtocolError item; the source resynchronises on the next ``MPX,`` and
+goes on.
 """
 
 from __future__ import annotations
@@ -148,8 +149,7 @@ class _Reader(threading.Thread):
     Hands over (buffer, start, end) chunks; each buffer keeps ``reserve`` bytes free in
     front of ``start`` so the consumer can put the unparsed tail of the previous chunk
     there (at most a couple of messages) instead of moving whole chunks. A chunk is
-    handed over when ``chunk`` bytes came or after ``idle_s`` (s) with fewer: while data
-    flows, chunks hold a whole batch of frames. Buffers come back through ``free``; one
+    handed over when ``chunk`` bytes came or after ``idle_s`` (s) with fewer. Buffers come back through ``free``; one
     is filled again only when no frames handed downstream still view it (its reference
     count says so), otherwise it is left to them and a new one takes its place. With
     ``n_buffers`` chunks waiting for the consumer the reader waits, the socket fills and
@@ -721,7 +721,7 @@ class MerlinSource:
                 self._deliver_out()
 
     def _deliver_out(self) -> None:
-        """Hand the frames decoded so far to the run."""
+        """Hand the frames decoded so far to the run (split at sequence jumps)."""
         n = self._out_n
         if self._out is None or n == 0:
             return
@@ -730,13 +730,8 @@ class MerlinSource:
         self._out = None
         self._out_n = 0
         self._out_t0 = None
-        self._deliver_split(data, seqs, g)
-
-    def _deliver_split(self, data: np.ndarray, seqs: np.ndarray, g: _Geometry) -> None:
-        """Hand frames of geometry g to the run, split where their sequence numbers jump."""
         geom, self._geom = self._geom, g
         try:
-            n = data.shape[0]
             breaks = np.flatnonzero(np.diff(seqs) != 1) + 1
             starts = [0, *breaks.tolist()]
             ends = [*breaks.tolist(), n]
