@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import h5py
 import msgpack
 import numpy as np
 import pytest
@@ -27,6 +28,10 @@ def _check_images(h, start, frames_by_scan):
         np.testing.assert_allclose(got["images"], ref, rtol=1e-12)
         assert got["valid"].all() and got["complete"]
         assert got["names"] == layout.names
+        with h5py.File(path, "r") as f:  # later scans copy the first one's compressed chunks
+            w = f["layout/weights"]
+            assert w.compression == "gzip" and w.shuffle
+            np.testing.assert_array_equal(w[()].reshape(weights.shape), weights)
 
 
 @pytest.mark.parametrize("batch", [1, 7, 30])
@@ -257,3 +262,18 @@ def test_snapshots_are_latest_wins_with_valid_mask(harness):
     h.wait_runs(1)
     last = h.daemon.snapshots.get(1)
     assert last.final and last.complete and last.valid.all()
+
+
+def test_layout_weights_written_from_cached_chunks_stay_exact(tmp_path):
+    from livestereo.daemon.results import _write_weights
+
+    rng = np.random.default_rng(3)
+    a = (rng.random((3, 20, 24)) * (rng.random((3, 20, 24)) > 0.7)).astype(np.float32)
+    b = a.copy()
+    b[1, 5, 5] += 0.5  # one pixel differs: must not reuse a's chunks
+    for i, w in enumerate([a, a, b, a, b]):
+        with h5py.File(tmp_path / f"{i}.h5", "w") as f:
+            _write_weights(f, w)
+        with h5py.File(tmp_path / f"{i}.h5", "r") as f:
+            np.testing.assert_array_equal(f["weights"][()], w)
+            assert f["weights"].chunks == (1, 20, 24) and f["weights"].compression == "gzip"

@@ -360,11 +360,25 @@ def _reduce_frame(frame, nxt, prefetch, zero, table, coef, exc_pix, exc_dw, wfla
 
 
 @numba.njit(nogil=True, cache=True)
+def _prefetch_all(frame, at, pf_pix):
+    """Prefetch the lines of the frame starting at frame[at] that the pieces read.
+
+    A frame just received lies in another core's cache or in memory; without this the
+    first frame of a call (the only one, one frame per message) is read line by line as
+    the pieces reach it, each line a full memory latency (cold multiview frames: 14 us
+    against 4 us in cache)."""
+    for j in range(pf_pix.shape[0]):
+        _prefetch(frame, at + pf_pix[j])
+
+
+@numba.njit(nogil=True, cache=True)
 def _accumulate_serial(frames, zero, table, coef, exc_pix, exc_dw, wflat, pf_pix, images, first):
     """images[:, first + i] = reduction of frames[i] (frames: (count, npix))."""
     n_det = images.shape[0]
     acc = np.zeros(n_det, dtype=np.float64)
     count = frames.shape[0]
+    if count > 0:
+        _prefetch_all(frames[0], 0, pf_pix)
     for i in range(count):
         nxt = min(i + 1, count - 1)
         _reduce_frame(frames[i], frames[nxt], i + 1 < count, zero, table, coef, exc_pix, exc_dw, wflat, pf_pix, acc)
@@ -631,10 +645,9 @@ class Accumulator:
         if first < 0 or first + count > self.n_positions:
             raise ValueError(f"frames [{first}, {first + count}) outside the scan of {self.n_positions} positions")
         dt = frames.dtype
-        native = dt.newbyteorder("=")
-        tail = self._kernel_tail.get(native)
+        tail = self._kernel_tail.get(dt)  # keyed by the frames' dtype, either byte order
         if tail is None:
-            tail = self._tail_for(native)
+            tail = self._kernel_tail[dt] = self._tail_for(dt.newbyteorder("="))
         if frames.size != count * self.npix:
             raise ValueError(f"frames of shape {frames.shape} do not hold {self.npix} pixels per frame")
         if not dt.isnative and dt.itemsize in (2, 4) and dt.kind == "u" and _frames_contiguous(frames):

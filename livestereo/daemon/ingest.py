@@ -233,7 +233,7 @@ class Ingest:
         if msg.run_id != start.run_id:
             raise ProtocolError("wrong_run", f"frames for run {msg.run_id!r} during run {start.run_id!r}")
         # in-process sources may hand over big-endian views of their receive buffer (Merlin)
-        if data.dtype.newbyteorder("<") != run.dtype:
+        if data.dtype != run.dtype and data.dtype.newbyteorder("<") != run.dtype:
             raise ProtocolError("wrong_dtype", f"frames dtype {data.dtype.name} but the run declared {start.dtype}")
         if data.shape[1:] != run.item_shape:
             raise ProtocolError("wrong_shape", f"frames of shape {data.shape[1:]} but the run declared {run.item_shape}")
