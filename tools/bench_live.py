@@ -138,7 +138,8 @@ class WindowProbe:
             for m in batch:
                 self.messages += 1
                 if m.topic == "dislocations" and m.data.get("final") and m.scan is not None:
-                    self.final.setdefault(m.scan, {"published": m.header["time"], "received": now})
+                    self.final.setdefault(m.scan, {"published": m.header["time"], "received": now,
+                                                   "seconds": dict(m.data.get("seconds") or {})})
                 elif m.topic == "scan_done" and m.scan is not None and m.data.get("finished"):
                     self.finished[m.scan] = float(m.data["finished"])
             self.state.feed_batch(batch)
@@ -320,6 +321,14 @@ def latency(args) -> None:
         print(f"  published -> received by the window: median {1e3 * statistics.median(rx):.0f} ms; "
               f"received -> drawn: median {1e3 * statistics.median(dr):.0f} ms "
               f"({1e3 * min(dr):.0f}-{1e3 * max(dr):.0f})")
+    stages = {}
+    for s_, f in r["final"].items():
+        if s_ > 0:
+            for k, v in f.get("seconds", {}).items():
+                stages.setdefault(k, []).append(v)
+    if stages:
+        print("  in the daemon, per finished scan (median): " + ", ".join(
+            f"{k} {1e3 * statistics.median(v):.0f} ms" for k, v in stages.items()))
     print(f"  window: {r['renders']} redraws, {r['window_messages']} messages, {r['window_dropped']} dropped; "
           f"live analyses {r['workers']}")
 

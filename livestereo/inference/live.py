@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -274,8 +275,10 @@ class DislocationAnalysis:
                 self._finals_running -= 1
         t, clock = scan_time(scan, self.track_clock)
         tr = self.tracker(scan.run_id)
+        t_track = time.perf_counter()
         with self._run_lock:
             steps = tr.update(scan.scan, t, [ln.points_nm for ln in res.lines], [ln.closed for ln in res.lines])
+        secs = {**secs, "tracking": round(time.perf_counter() - t_track, 4)}
         out = DislocationOutcome(res, maps, secs, list(scan.layout.view_indices), vs.thickness_nm,
                                  [s.track_id for s in steps], [s.displacement_nm for s in steps], steps, t, clock)
         moving = [s for s in steps if s.speed_nm_s is not None]
