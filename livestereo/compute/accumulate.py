@@ -363,10 +363,10 @@ def _reduce_frame(frame, nxt, prefetch, zero, table, coef, exc_pix, exc_dw, wfla
 def _prefetch_all(frame, at, pf_pix):
     """Prefetch the lines of the frame starting at frame[at] that the pieces read.
 
-    A frame just received lies in another core's cache or in memory; without this the
-    first frame of a call (the only one, one frame per message) is read line by line as
-    the pieces reach it, each line a full memory latency (cold multiview frames: 14 us
-    against 4 us in cache)."""
+    A frame just received lies in another core's cache or in memory, and the kernels
+    prefetch only the next frame, so the first frame of a call (the only one with one frame
+    per message) was read line by line as the pieces reached it (a multiview frame from
+    memory: 14.1 -> 12.3 us with this; 4 us when in cache)."""
     for j in range(pf_pix.shape[0]):
         _prefetch(frame, at + pf_pix[j])
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-
 import threading
+from pathlib import Path
 
 import h5py
 import numpy as np
