@@ -246,6 +246,11 @@ def test_bad_config_names_key_and_type(tmp_path):
     p.write_text("endpoint = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_toml(p, DaemonConfig)
+    p.write_text('detector_precision = "half"\n')
+    with pytest.raises(ConfigError, match=r"detector_precision: .*'auto', 'float32' or 'bfloat16'"):
+        load_toml(p, DaemonConfig)
+    p.write_text('detector_precision = "float32"\n')
+    assert load_toml(p, DaemonConfig).detector_precision == "float32"
 
 
 def test_snapshots_are_latest_wins_with_valid_mask(harness):

@@ -306,3 +306,12 @@ def test_bfloat16_detector_finds_the_float32_lines():
     assert la.sum() > 50 and (la ^ lb).sum() <= 0.05 * la.sum()
     on = la[0]
     assert np.nanmedian(np.abs(a["disparity"] - b["disparity"])[on]) < 0.1
+
+
+def test_dislocation_analysis_passes_the_detector_precision(tmp_path):
+    from livestereo.inference.live import DislocationAnalysis
+
+    for precision, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a = DislocationAnalysis(tmp_path, detector_precision=precision)
+        a.prepare()
+        assert a.error is None and a.pipeline.detector_dtype == dtype
