@@ -138,6 +138,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter runs")
     ap.add_argument("--skip-kernels", action="store_true", help="skip part (a)")
+    ap.add_argument("--reps", type=int, default=None, help="alternating runs per receiver in (b) (default 3; --quick 1)")
     ap.add_argument("--receive", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.receive:
@@ -157,8 +158,9 @@ def main() -> None:
 
     print("\n(b) end to end: simulator process -> tcp loopback -> receiver process (256x256 uint16)", flush=True)
     scans = 8 if args.quick else 24
-    reps = 1 if args.quick else 3
+    reps = args.reps or (1 if args.quick else 3)
     rows = []
+    paired: dict[tuple[int, str], list[float]] = {}
     for fpm in (64, 1):
         n_scans = scans if fpm > 1 else max(1, scans // 3)
         runs: dict[str, list[dict]] = {"bare": [], "stereo": [], "multiview": []}
@@ -169,6 +171,9 @@ def main() -> None:
         med = {k: sorted(v, key=lambda r: r["frames"] / r["seconds"])[len(v) // 2] for k, v in runs.items()}
         for layout in ("stereo", "multiview"):
             rows.append((fpm, layout, med["bare"], med[layout]))
+            # each daemon run against the bare run just before it: drifts of a shared machine cancel
+            paired[fpm, layout] = [(d["frames"] / d["seconds"]) / (b["frames"] / b["seconds"])
+                                   for b, d in zip(runs["bare"], runs[layout])]
     print(f"median of {reps} alternating run(s) each")
     print(f"{'frames/msg':>10} {'layout':>10} {'bare frames/s':>14} {'GB/s':>6} {'daemon frames/s':>16} {'GB/s':>6} {'ratio':>6} "
           f"{'CPU us/frame bare':>18} {'daemon':>7} {'daemon RSS MB':>14}")
@@ -177,6 +182,11 @@ def main() -> None:
         print(f"{fpm:>10} {layout:>10} {bf:>14.0f} {bare['bytes'] / bare['seconds'] / 1e9:>6.2f} {df:>16.0f} "
               f"{d['bytes'] / d['seconds'] / 1e9:>6.2f} {df / bf:>6.2f} {1e6 * bare['cpu_s'] / bare['frames']:>18.1f} "
               f"{1e6 * d['cpu_s'] / d['frames']:>7.1f} {d['maxrss_mb']:>14.0f}")
+    if reps > 1:
+        print("\npaired ratios (each daemon run / the bare run of the same round):")
+        for (fpm, layout), rs in paired.items():
+            print(f"{fpm:>10} {layout:>10}  " + " ".join(f"{r:.2f}" for r in rs)
+                  + f"   median {sorted(rs)[len(rs) // 2]:.2f}, min {min(rs):.2f}")
     print("\ntarget: daemon >= 0.9x the bare PULL loop; (c) peak RSS is the daemon process's VmHWM "
           f"(bare loop: {rows[0][2]['maxrss_mb']:.0f} MB)")
 
