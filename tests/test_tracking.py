@@ -132,3 +132,56 @@ def test_in_plane_speed_is_the_xy_part_of_the_perpendicular_motion():
     assert step.speed_xy_nm_s == pytest.approx(1.5)
     (summary,) = tr.summary()
     assert summary["mean_speed_xy_nm_s"] == pytest.approx(1.5)
+
+
+def test_compiled_nearest_point_kernels_match_a_kd_tree_and_numpy():
+    """The brute-force nearest points, median distances and segment projections give what a
+    KD tree and the plain numpy projection give (tracking's own reference)."""
+    from scipy.spatial import cKDTree
+
+    from livestereo.compute.tracking import _Curve, curve_distance
+
+    rng = np.random.default_rng(8)
+    for trial in range(4):
+        a = _Curve(np.cumsum(rng.normal(size=(40, 3)) * 2, axis=0), 1.0, 0.5)
+        b = _Curve(np.cumsum(rng.normal(size=(55, 3)) * 2, axis=0) + rng.normal(size=3) * 3, 1.0, 0.5)
+        tree_b = cKDTree(b.dense * b.scale)
+        d_ref, i_ref = tree_b.query(a.dense * a.scale)
+        d, i = b.nearest(a.dense)
+        np.testing.assert_allclose(d, d_ref, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(b.distance(a.dense), d_ref, rtol=1e-12, atol=1e-12)
+        dab, dba = curve_distance(a, b)
+        assert dab == pytest.approx(np.median(d_ref), abs=1e-12)
+        assert dba == pytest.approx(np.median(cKDTree(a.dense * a.scale).query(b.dense * b.scale)[0]), abs=1e-12)
+        # segment projections against the numpy formulation
+        f, _ = b.foot(a.dense)
+        n = len(b.dense)
+        best = b.dense[i_ref].copy()
+        bestd = np.linalg.norm((a.dense - best) * b.scale, axis=1)
+        for lo in (i_ref - 1, i_ref):
+            ok = (lo >= 0) & (lo + 1 < n)
+            p0, p1 = b.dense[np.clip(lo, 0, n - 1)], b.dense[np.clip(lo + 1, 0, n - 1)]
+            ab = p1 - p0
+            L2 = np.einsum("ij,ij->i", ab, ab)
+            t = np.clip(np.einsum("ij,ij->i", a.dense - p0, ab) / np.where(L2 > 0, L2, 1.0), 0.0, 1.0)
+            q = p0 + t[:, None] * ab
+            dq = np.linalg.norm((a.dense - q) * b.scale, axis=1)
+            better = ok & (dq < bestd)
+            best[better], bestd[better] = q[better], dq[better]
+        np.testing.assert_allclose(f, best, rtol=1e-12, atol=1e-12)
+
+
+def test_large_curves_use_the_kd_tree_with_the_same_results(monkeypatch):
+    from livestereo.compute import tracking
+    from livestereo.compute.tracking import _Curve, curve_distance
+
+    rng = np.random.default_rng(9)
+    a = _Curve(np.cumsum(rng.normal(size=(30, 3)), axis=0), 1.0, 0.5)
+    b = _Curve(np.cumsum(rng.normal(size=(30, 3)), axis=0), 1.0, 0.5)
+    brute = curve_distance(a, b), b.nearest(a.dense), b.foot(a.dense)[0]
+    monkeypatch.setattr(tracking, "_BRUTE_MAX_PAIRS", 0)
+    tree = curve_distance(a, b), b.nearest(a.dense), b.foot(a.dense)[0]
+    assert b._tree is not None
+    np.testing.assert_allclose(tree[0], brute[0], atol=1e-12)
+    np.testing.assert_allclose(tree[1][0], brute[1][0], atol=1e-12)
+    np.testing.assert_allclose(tree[2], brute[2], atol=1e-12)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from livestereo.compute.tracking import LineTracker, TrackStep
+from livestereo.compute.tracking import LineTracker, TrackStep, warm_kernels
 from livestereo.config import ConfigError
 from livestereo.daemon.live import bin_max, binning_for, ids_of, MAX_IMAGE_SIDE
 from livestereo.daemon.products import ScanImages
@@ -146,6 +146,7 @@ class DislocationAnalysis:
 
                 self.pipeline = DislocationPipeline.load(self.detector_weights, self.stereo_weights,
                                                          detector_precision=self.detector_precision)
+                warm_kernels()  # the tracker's, so the first tracked scan does not compile them
                 log.info("dislocation networks loaded (%s, %s; detector in %s; %d torch thread(s))",
                          self.pipeline.info.get("detector"), self.pipeline.info.get("stereo"),
                          str(self.pipeline.detector_dtype).removeprefix("torch."), self.threads)
