@@ -17,7 +17,7 @@ line's own direction is not observable.  ``velocity_nm_s`` = displacement / dt a
 shift is reported as well (``centroid_shift_nm``), but it moves whenever the visible part
 of a line changes.
 
-numpy / scipy, and one numba kernel for nearest points.
+numpy / scipy, with the nearest-point queries and projections as numba kernels.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def _project_near(pts, dense, scale, idx):
     n = pts.shape[0]
     m = dense.shape[0]
     out = np.empty((n, 3))
+    f = np.empty(3)
     for k in range(n):
         i = idx[k]
         bd = 0.0
@@ -105,7 +106,6 @@ def _project_near(pts, dense, scale, idx):
                 dot += (pts[k, c] - dense[lo, c]) * ab
             t = min(max(dot / l2 if l2 > 0 else 0.0, 0.0), 1.0)
             d = 0.0
-            f = np.empty(3)
             for c in range(3):
                 f[c] = dense[lo, c] + t * (dense[lo + 1, c] - dense[lo, c])
                 e = (pts[k, c] - f[c]) * scale[c]
@@ -151,7 +151,8 @@ def warm_kernels() -> None:
 
 
 class _Curve:
-    """A curve prepared for distance queries: dense points and a KD tree (z scaled)."""
+    """A curve prepared for distance queries: dense points, z-scaled copies (rows and
+    columns) for the compiled kernels, and a KD tree built only for very long curves."""
 
     def __init__(self, points: np.ndarray, spacing: float, z_weight: float, closed: bool = False):
         self.raw = np.asarray(points, dtype=np.float64)
@@ -169,8 +170,7 @@ class _Curve:
             self.end[:k] = True
             self.end[-k:] = True
         self.centroid = self.dense.mean(axis=0)
-        scaled = self.dense * self.scale
-        self.lo, self.hi = scaled.min(axis=0), scaled.max(axis=0)
+        self.lo, self.hi = self.scaled.min(axis=0), self.scaled.max(axis=0)
         self.length = float(np.sum(np.linalg.norm(np.diff(self.dense, axis=0), axis=1))) if n > 1 else 0.0
 
     def nearest(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
