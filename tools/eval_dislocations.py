@@ -8,9 +8,10 @@ default_rng((seed, step)) with small seeds; views rendered at random epipolar di
 so the pipeline's rectification is exercised) it prints, for the shipped networks and for a
 classical baseline in the same run:
 
-- detection precision / recall / F1 at 2 px tolerance (skeleton of prob > 0.5 vs the true
-  centre lines of view 0); classical = max of scikit-image sato ridge filters of both
-  polarities, threshold (tuned on separate tuning pairs) and skeleton;
+- detection precision / recall / F1 at 2 px tolerance (skeleton of prob >= the threshold the
+  line extraction uses, LineParams.threshold, vs the true centre lines of view 0);
+  classical = max of scikit-image sato ridge filters of both polarities, threshold (tuned
+  on separate tuning pairs) and skeleton;
 - disparity end-point error (px) on true line pixels of view 0 (mean, median, and the mean
   on "transverse" line pixels, where the line runs > 30 deg from the epipolar direction;
   along it, matching is ambiguous) and the share above 1 px;
@@ -78,6 +79,8 @@ def run_pipeline(pl, raw, valid, th, p, t):
     return r
 
 SEED0 = 10_000_000
+#: line pixels of the network: probability >= the threshold line extraction uses
+NET_THRESHOLD = LineParams().threshold if extract_lines is not None else 0.5
 BETA6 = math.radians(6.0) * 1e3  # mrad
 
 
@@ -316,8 +319,8 @@ def evaluate(pl, pairs, thr_c, acc: Acc, do3d: bool):
         r = run_pipeline(pl, raw, valid, th, p, t)
         acc.pair_s.append(time.perf_counter() - t0)
         gt0, gtd = q["masks"][0], q["disparity"]
-        acc.det += det_counts(r["prob"][0] > 0.5, gt0)
-        acc.det += det_counts(r["prob"][1] > 0.5, q["masks"][1])
+        acc.det += det_counts(r["prob"][0] >= NET_THRESHOLD, gt0)
+        acc.det += det_counts(r["prob"][1] >= NET_THRESHOLD, q["masks"][1])
         nv = [normalise_view(v) for v in raw]
         cm = [classical_detect(v, thr_c) for v in nv]
         acc.det_c += det_counts(cm[0], gt0)
@@ -397,11 +400,11 @@ def timing(pl, threads_list=(1, 2), reps=10):
             for nt in threads_list:
                 torch.set_num_threads(nt)
                 ts = []
-                for _ in range(reps + 2):
+                for _ in range(reps + 4):  # the first runs of a thread count set up oneDNN's kernels
                     t0 = time.perf_counter()
                     run_pipeline(pl, q["raw"], None, th, 1.0, 200.0)
                     ts.append(time.perf_counter() - t0)
-                ts = np.array(ts[2:])
+                ts = np.array(ts[4:])
                 out[(nt, case, mode)] = (float(ts.min()), float(np.median(ts)))
     torch.set_num_threads(2)
     return out
@@ -484,7 +487,9 @@ def main(argv=None) -> int:
     for (nt, case, mode), (tmin, tmed) in tm.items():
         print(f"  {case:<17} {mode:<6} {nt} thread(s): min {1000 * tmin:.0f} ms, median {1000 * tmed:.0f} ms per pair")
     n, c = headline["net"], headline["classical"]
-    best_ms = 1000 * tm[(2, "baseline along x", "eager")][0]
+    # the live daemon runs the frozen graphs (same maps as eager, tested); reconstruct runs eager
+    eager_ms = 1000 * tm[(2, "baseline along x", "eager")][0]
+    best_ms = 1000 * tm[(2, "baseline along x", "frozen")][0]
 
     def verdict(ok):
         return "met" if ok else "NOT met"
@@ -497,7 +502,8 @@ def main(argv=None) -> int:
               "3D median": c["3D_med"] / max(n["3D_med"], 1e-9)}
     print("  >= 3x below classical: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items())
           + f" -> {verdict(all(v >= 3 for v in ratios.values()))}")
-    print(f"  <= 100 ms per pair on 2 threads: {best_ms:.0f} ms -> {verdict(best_ms <= 100)}")
+    print(f"  <= 100 ms per pair on 2 threads: {best_ms:.0f} ms with the frozen graphs the live daemon runs "
+          f"(eager, as `livestereo reconstruct` runs: {eager_ms:.0f} ms) -> {verdict(best_ms <= 100)}")
     print(f"\neval wall time {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -55,7 +55,7 @@ class LineParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    threshold: float = Field(default=0.5, gt=0, lt=1)
+    threshold: float = Field(default=0.7, gt=0, lt=1)
     """Probability above which a pixel belongs to a line."""
     min_length_px: float = Field(default=8.0, ge=0)
     """Lines shorter than this (arc length, px) are dropped."""
