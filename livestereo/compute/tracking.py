@@ -173,28 +173,32 @@ class _Curve:
         self.lo, self.hi = self.scaled.min(axis=0), self.scaled.max(axis=0)
         self.length = float(np.sum(np.linalg.norm(np.diff(self.dense, axis=0), axis=1))) if n > 1 else 0.0
 
-    def nearest(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(distances in the scaled metric, indices into dense) of each point."""
-        q = np.ascontiguousarray(np.asarray(pts, dtype=np.float64).reshape(-1, 3) * self.scale)
-        if len(q) * len(self.scaled) <= _BRUTE_MAX_PAIRS:
-            return _nearest_brute(q, self.scaled)
+    def _query(self, pts: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(the points (n, 3) in the scaled metric, whether brute force answers for them)."""
+        q = np.asarray(pts, dtype=np.float64).reshape(-1, 3) * self.scale
+        return q, len(q) * len(self.scaled) <= _BRUTE_MAX_PAIRS
+
+    def _tree_query(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._tree is None:
             self._tree = cKDTree(self.scaled)
         return self._tree.query(q)
 
+    def nearest(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(distances in the scaled metric, indices into dense) of each point."""
+        q, brute = self._query(pts)
+        return _nearest_brute(np.ascontiguousarray(q), self.scaled) if brute else self._tree_query(q)
+
     def distance(self, pts: np.ndarray) -> np.ndarray:
         """Distance in the scaled metric of each point to the nearest dense sample."""
-        q = np.asarray(pts, dtype=np.float64).reshape(-1, 3) * self.scale
-        if len(q) * len(self.scaled) <= _BRUTE_MAX_PAIRS:
-            return _nearest_dist_brute(np.ascontiguousarray(q.T), self.scaled_t)
-        return self.nearest(pts)[0]
+        q, brute = self._query(pts)
+        return _nearest_dist_brute(np.ascontiguousarray(q.T), self.scaled_t) if brute else self._tree_query(q)[0]
 
     def median_distance(self, pts: np.ndarray) -> float:
         """Median over the points of :meth:`distance`."""
-        q = np.asarray(pts, dtype=np.float64).reshape(-1, 3) * self.scale
-        if len(q) * len(self.scaled) <= _BRUTE_MAX_PAIRS:
+        q, brute = self._query(pts)
+        if brute:
             return float(_median_nearest_dist(np.ascontiguousarray(q.T), self.scaled_t))
-        return float(np.median(self.distance(pts)))
+        return float(np.median(self._tree_query(q)[0]))
 
     def foot(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(nearest point on the polyline (n, 3), index of the nearest dense sample) of each point:
