@@ -22,7 +22,7 @@ started like ``livestereo run --view`` starts it). Not a test.
 
     .venv/bin/python tools/bench_live.py            # ~6 minutes
     .venv/bin/python tools/bench_live.py --quick    # ~3 minutes (fewer runs, 10-scan RSS series)
-    .venv/bin/python tools/bench_live.py --only a --scans 12 --set final_niceness=5   # more scans, a daemon setting
+    .venv/bin/python tools/bench_live.py --only a --scans 12 --set final_idle=false   # more scans, a daemon setting
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SIM_CONFIG = ROOT / "configs" / "sim_live_bench.toml"
 sys.path.insert(0, str(ROOT))
-from livestereo.view.launch import VIEW_NICENESS  # noqa: E402  (the window's priority, as launched by the daemon)
+from livestereo.view.launch import lower_view_priority  # noqa: E402  (the window's priority, as the daemon launches it)
 
 
 # ---------------------------------------------------------------------------- the daemon process
@@ -74,7 +74,7 @@ def daemon_main(endpoint: str, out: Path, live: bool, publish: str | None, publi
         t0 = time.perf_counter()
         while not halt.wait(0.5):
             samples.append((time.perf_counter() - t0, rss_mb(), daemon.ingest.counters.scans_done,
-                            daemon.writer.queue.qsize()))
+                            daemon.writer.queue.qsize() + daemon.writer.backlog))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -224,10 +224,10 @@ def session(scans: int, rate: str, live: bool, window: bool) -> dict:
         try:
             if window:
                 pub = _wait_file(tmp / "pub", daemon, "the daemon")
-                # the window runs as `livestereo run --view` starts it: its own process, niced
+                # the window runs as `livestereo run --view` starts it: its own process, idle class
                 win = subprocess.Popen([sys.executable, __file__, "--window", pub, "--out", str(tmp)],
                                        stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                       preexec_fn=lambda: os.nice(VIEW_NICENESS))
+                                       preexec_fn=lower_view_priority)
             out, err = daemon.communicate(timeout=1800)
         finally:
             if win is not None:
@@ -257,7 +257,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("a", "b", "c"), action="append", help="run only these parts")
     ap.add_argument("--scans", type=int, help="scans in (a) (default 6, --quick 4)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a daemon setting (DaemonConfig field, VALUE as JSON or a string), e.g. final_niceness=5")
+                    help="a daemon setting (DaemonConfig field, VALUE as JSON or a string), e.g. final_idle=false")
     ap.add_argument("--daemon", metavar="ENDPOINT", help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)

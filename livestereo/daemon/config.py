@@ -89,16 +89,28 @@ class DaemonConfig(BaseModel):
     live inference takes from ingest on small machines; finished scans are always analysed."""
 
     live_niceness: int = Field(default=10, ge=0, le=19)
-    """Added to the nice value of the threads analysing live snapshots (Linux): on a busy
-    machine ingest (and a sender on the same machine) come first and live results come later,
-    never the other way round. Finished scans are analysed at normal priority."""
+    """Added to the nice value of the threads analysing live snapshots (Linux) when they do not
+    run in the idle class (``live_idle = false``): on a busy machine ingest (and a sender on
+    the same machine) come first and live results come later, never the other way round."""
+
+    live_idle: bool = True
+    """Live snapshot analyses run in the SCHED_IDLE class (Linux): only on CPU time nothing of
+    normal priority wants, yielding at once when ingest needs it; ``live_niceness`` then does
+    not apply. A starved live analysis loses nothing: the next snapshot replaces it."""
+
+    final_idle: bool = True
+    """The analyses of finished scans (3D reconstruction, tracking) run in the SCHED_IDLE class
+    (Linux). When scans finish faster than they can be reconstructed (a replay at full speed
+    on a small machine), ingest keeps its pace and the reconstructions follow in order as the
+    CPU frees; each scan's HDF5 file is written at once by the results writer, at normal
+    priority, whatever the analyses do (tools/bench_live.py (b): ingest 0.89x of the bare
+    daemon with nice 19, 0.98x idle). On an idle machine it changes nothing. Waiting scans
+    (a few MB each) are counted in the status (``scans_awaiting_analysis``). false:
+    ``final_niceness`` applies instead."""
 
     final_niceness: int = Field(default=0, ge=0, le=19)
-    """Added to the nice value of the results writer, which reconstructs each finished scan
-    and writes its files (Linux). 0: the finished scan's 3D result comes first (lowest
-    latency); 5: when scans finish faster than they can be reconstructed (a replay at full
-    speed on a small machine), ingest keeps more of its pace and the results follow, in order
-    (tools/bench_live.py: ingest 0.72x -> 0.79x of the bare daemon, latency ~300 -> ~410 ms)."""
+    """Added to the nice value of the results writer (and of the final analyses when they do
+    not run in the idle class) (Linux)."""
 
     detector_weights: Path | None = None
     """Detection network weights (default: the shipped livestereo/weights/detector.pt)."""

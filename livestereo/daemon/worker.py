@@ -14,16 +14,30 @@ from livestereo.daemon.products import ScanImages
 log = logging.getLogger("livestereo.worker")
 
 
-def lower_thread_priority(niceness: int) -> None:
-    """Raise the calling thread's nice value by ``niceness`` (Linux: per thread; elsewhere a
-    no-op): when the CPU is short, ingest and the sender come first and analyses wait."""
+def lower_thread_priority(niceness: int, *, idle: bool = False) -> str:
+    """Lower the calling thread's CPU priority (Linux: per thread; elsewhere a no-op) so that
+    on a busy machine ingest and a sender come first and analyses wait.
+
+    ``idle``: the SCHED_IDLE class: the thread runs only on CPU time that no thread of normal
+    priority wants, and yields the moment one does (nice values do not apply to it); where
+    that is refused, the nice value is raised instead. Otherwise its nice value is raised by
+    ``niceness``. Returns what applies now: ``"idle"``, ``"nice +N"`` or ``"normal"``.
+    """
+    tid = threading.get_native_id()
+    if idle and hasattr(os, "sched_setscheduler"):
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            return "idle"
+        except OSError as exc:
+            log.debug("cannot put %s in the idle class: %s", threading.current_thread().name, exc)
     if niceness <= 0 or not hasattr(os, "setpriority"):
-        return
+        return "normal"
     try:
-        tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + int(niceness)))
+        return f"nice +{int(niceness)}"
     except OSError as exc:  # not permitted here: run at normal priority
         log.debug("cannot lower the priority of %s: %s", threading.current_thread().name, exc)
+        return "normal"
 
 
 class LatestWorker(threading.Thread):
@@ -36,7 +50,7 @@ class LatestWorker(threading.Thread):
 
     def __init__(self, name: str, analyse: Callable[[ScanImages], Any], *, accept: Callable[[ScanImages], bool] | None = None,
                  on_result: Callable[[ScanImages, Any, float], None] | None = None,
-                 min_interval_s: float = 0.0, niceness: int = 0):
+                 min_interval_s: float = 0.0, niceness: int = 0, idle: bool = False):
         super().__init__(name=f"livestereo-{name}", daemon=True)
         self.slot: Latest[ScanImages] = Latest()
         self.analyse = analyse
@@ -46,6 +60,10 @@ class LatestWorker(threading.Thread):
         """Least time between the starts of two analyses (s): caps the CPU the worker takes."""
         self.niceness = int(niceness)
         """Added to this thread's nice value (Linux): ingest keeps priority on a busy machine."""
+        self.idle = bool(idle)
+        """Run in the SCHED_IDLE class (Linux; ``niceness`` then does not apply)."""
+        self.priority = "normal"
+        """What :func:`lower_thread_priority` applied once the thread started."""
         self.latest: tuple[ScanImages, Any, float] | None = None
         self.done = 0
         self.errors = 0
@@ -56,7 +74,7 @@ class LatestWorker(threading.Thread):
         return self.slot.replaced
 
     def run(self) -> None:
-        lower_thread_priority(self.niceness)
+        self.priority = lower_thread_priority(self.niceness, idle=self.idle)
         last_start = -1e9
         while not self._halt.is_set():
             wait = last_start + self.min_interval_s - time.perf_counter()
