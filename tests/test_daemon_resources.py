@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from livestereo.daemon.memory import release_free_memory, tune_malloc
-from livestereo.daemon.worker import lower_thread_priority
+from livestereo.priority import lower_thread_priority
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")

@@ -3,9 +3,13 @@ hand-over, and a subscriber that never reads does not slow ingest."""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 
 import numpy as np
+import pytest
 import zmq
 
 from livestereo.protocol.live import decode_live
@@ -74,12 +78,14 @@ def test_subscriber_that_never_reads_does_not_slow_ingest(harness):
     n = shape[0] * shape[1]
     ctx = zmq.Context()
     try:
-        h0 = harness(publish="tcp://127.0.0.1:*", snapshot_interval_s=0.0, particles=False)
+        # normal priority: this is about the socket; in the idle class the publisher would
+        # (rightly) send fewer snapshots while ingest keeps the machine busy
+        h0 = harness(publish="tcp://127.0.0.1:*", snapshot_interval_s=0.0, particles=False, publish_idle=False)
         base = _stream(h0, n, 512, shape)
         assert h0.counters.frames == n
         h0.stop()
 
-        h = harness(publish="tcp://127.0.0.1:*", snapshot_interval_s=0.0, particles=False)
+        h = harness(publish="tcp://127.0.0.1:*", snapshot_interval_s=0.0, particles=False, publish_idle=False)
         stuck = _subscriber(ctx, h.daemon.publisher.endpoint, rcvhwm=1)  # connected, never reads
         time.sleep(0.3)
         slow = _stream(h, n, 512, shape)
@@ -99,6 +105,21 @@ def test_subscriber_that_never_reads_does_not_slow_ingest(harness):
         stuck.close(0)
     finally:
         ctx.term()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is a Linux scheduling class")
+def test_publisher_builds_messages_in_the_idle_class():
+    seen = []
+    pub = ResultsPublisher("tcp://127.0.0.1:*", idle=True)
+    pub.start()
+    try:
+        pub.offer("status", lambda: seen.append(os.sched_getscheduler(threading.get_native_id())) or ({"n": 1}, {}, {}))
+        t0 = time.monotonic()
+        while not seen and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+    finally:
+        pub.stop()
+    assert seen == [os.SCHED_IDLE] and pub.sent == 1
 
 
 def _scan_images(shape, weights, names, roles, mean_pattern=None, filled_rows=None):

@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SIM_CONFIG = ROOT / "configs" / "sim_live_bench.toml"
 sys.path.insert(0, str(ROOT))
-from livestereo.view.launch import lower_view_priority  # noqa: E402  (the window's priority, as the daemon launches it)
+from livestereo.priority import lower_process_priority  # noqa: E402  (the window's priority, as the daemon launches it)
 
 
 # ---------------------------------------------------------------------------- the daemon process
@@ -227,7 +227,7 @@ def session(scans: int, rate: str, live: bool, window: bool) -> dict:
                 # the window runs as `livestereo run --view` starts it: its own process, idle class
                 win = subprocess.Popen([sys.executable, __file__, "--window", pub, "--out", str(tmp)],
                                        stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                       preexec_fn=lower_view_priority)
+                                       preexec_fn=lower_process_priority)
             out, err = daemon.communicate(timeout=1800)
         finally:
             if win is not None:

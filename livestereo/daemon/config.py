@@ -77,6 +77,10 @@ class DaemonConfig(BaseModel):
     publish_sndhwm: int = Field(default=4, gt=0)
     """Messages queued per subscriber before a slow subscriber loses messages (never waits)."""
 
+    publish_idle: bool = True
+    """The publisher builds and sends its messages in the SCHED_IDLE class (Linux): on a
+    machine that ingest keeps busy, clients get fewer snapshots instead of ingest slowing."""
+
     inference: bool = True
     """Reconstruct dislocations (live on snapshots and per scan) in runs with two or more
     stereo views of a pixelated detector (needs the torch networks)."""

@@ -66,7 +66,7 @@ class Daemon:
         if self.publisher is None and cfg.publish:
             from livestereo.transport.publisher import ResultsPublisher  # pyzmq only
 
-            self.publisher = ResultsPublisher(cfg.publish, sndhwm=cfg.publish_sndhwm)
+            self.publisher = ResultsPublisher(cfg.publish, sndhwm=cfg.publish_sndhwm, idle=cfg.publish_idle)
         self.workers: list[LatestWorker] = []
         self._worker_of: dict[str, LatestWorker] = {}
         for a in self.analyses:

@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any, Callable
 
 from livestereo.daemon.latest import Latest
 from livestereo.daemon.products import ScanImages
+from livestereo.priority import lower_thread_priority
 
 log = logging.getLogger("livestereo.worker")
-
-
-def lower_thread_priority(niceness: int, *, idle: bool = False) -> str:
-    """Lower the calling thread's CPU priority (Linux: per thread; elsewhere a no-op) so that
-    on a busy machine ingest and a sender come first and analyses wait.
-
-    ``idle``: the SCHED_IDLE class: the thread runs only on CPU time that no thread of normal
-    priority wants, and yields the moment one does (nice values do not apply to it); where
-    that is refused, the nice value is raised instead. Otherwise its nice value is raised by
-    ``niceness``. Returns what applies now: ``"idle"``, ``"nice +N"`` or ``"normal"``.
-    """
-    tid = threading.get_native_id()
-    if idle and hasattr(os, "sched_setscheduler"):
-        try:
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-            return "idle"
-        except OSError as exc:
-            log.debug("cannot put %s in the idle class: %s", threading.current_thread().name, exc)
-    if niceness <= 0 or not hasattr(os, "setpriority"):
-        return "normal"
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + int(niceness)))
-        return f"nice +{int(niceness)}"
-    except OSError as exc:  # not permitted here: run at normal priority
-        log.debug("cannot lower the priority of %s: %s", threading.current_thread().name, exc)
-        return "normal"
 
 
 class LatestWorker(threading.Thread):

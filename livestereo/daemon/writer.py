@@ -27,7 +27,7 @@ from typing import Any, Callable
 from livestereo.daemon.memory import release_free_memory
 from livestereo.daemon.products import ScanImages
 from livestereo.daemon.results import scan_path, write_run_summary, write_scan
-from livestereo.daemon.worker import lower_thread_priority
+from livestereo.priority import lower_thread_priority
 
 log = logging.getLogger("livestereo.daemon")
 

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import zmq
 
+from livestereo.priority import lower_thread_priority
 from livestereo.protocol.live import encode_live
 
 log = logging.getLogger("livestereo.publisher")
@@ -38,8 +39,11 @@ class ResultsPublisher(threading.Thread):
     """PUB socket bound to ``endpoint`` (e.g. ``tcp://127.0.0.1:5556``; port ``*`` picks one,
     see :attr:`endpoint`), fed through :meth:`offer`."""
 
-    def __init__(self, endpoint: str, *, sndhwm: int = 4, max_pending: int = 256, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, *, sndhwm: int = 4, max_pending: int = 256, context: zmq.Context | None = None,
+                 idle: bool = False):
         super().__init__(name="livestereo-publisher", daemon=True)
+        self.idle = bool(idle)
+        """Build and send messages in the SCHED_IDLE class (Linux, :mod:`livestereo.priority`)."""
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
         self.sock = self.ctx.socket(zmq.PUB)
@@ -110,6 +114,7 @@ class ResultsPublisher(threading.Thread):
                 self._cond.wait(0.5)
 
     def run(self) -> None:
+        lower_thread_priority(0, idle=self.idle)
         try:
             while True:
                 item = self._next()

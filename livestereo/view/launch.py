@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from livestereo.priority import lower_process_priority
+
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
-VIEW_NICENESS = 5
-"""Where the idle class is refused: the window process runs this much nicer than the daemon."""
 
 
 def connect_endpoint(bind_endpoint: str) -> str:
@@ -38,23 +38,6 @@ def has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def lower_view_priority() -> None:
-    """Put the calling process (the window, before it starts) in the SCHED_IDLE class (Linux):
-    it draws on CPU time that acquisition leaves free and yields at once when ingest needs
-    it, so a window never slows ingest (llvmpipe renders on the CPU); on a busy machine it
-    only redraws less often. Elsewhere, or where that is refused: ``VIEW_NICENESS``."""
-    if hasattr(os, "sched_setscheduler"):
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            return
-        except OSError:
-            pass
-    try:
-        os.nice(VIEW_NICENESS)
-    except OSError:
-        pass
-
-
 def launch_view(endpoint: str, snapshot_dir: Path | None = None, extra_args: Sequence[str] = (),
                 log_path: Path | None = None, snapshots: str = "auto") -> subprocess.Popen:
     """Start ``livestereo view --connect endpoint`` in its own process group; the Popen.
@@ -73,7 +56,7 @@ def launch_view(endpoint: str, snapshot_dir: Path | None = None, extra_args: Seq
         return subprocess.Popen(view_command(endpoint, snapshot_dir, extra_args), stdin=subprocess.DEVNULL,
                                 stdout=out if out is not None else subprocess.DEVNULL,
                                 stderr=out if out is not None else None, start_new_session=True,
-                                preexec_fn=lower_view_priority if os.name == "posix" else None)
+                                preexec_fn=lower_process_priority if os.name == "posix" else None)
     finally:
         if out is not None:
             out.close()
