@@ -147,6 +147,25 @@ def test_assigns_and_counts_duplicates():
     assert not acc.filled.any() and not acc.images.any()
 
 
+def test_fresh_accumulator_for_the_next_scan():
+    """The next scan's accumulator shares the plan but never the buffers of the finished one."""
+    w = mixed_weights()
+    first = Accumulator(w, 8)
+    a, b = frames_of("uint16", 8, seed=3), frames_of("uint16", 8, seed=4)
+    first.add(a, 0)
+    kept = first.images  # handed downstream with the finished scan
+    snapshot = kept.copy()
+    nxt = first.fresh()
+    assert nxt.plan is first.plan and nxt.choice is first.choice
+    assert nxt.images is not kept and not nxt.images.any() and not nxt.filled.any()
+    nxt.add(b, 0)
+    np.testing.assert_array_equal(kept, snapshot)  # the finished scan's images are untouched
+    new = Accumulator(w, 8)
+    new.add(b, 0)
+    np.testing.assert_array_equal(nxt.images, new.images)  # the same bits as a new accumulator
+    np.testing.assert_allclose(nxt.images, reference(w, b), rtol=1e-12)
+
+
 def test_bit_identical_whatever_the_batching():
     w = mixed_weights(3)
     frames = frames_of("float32", 64, seed=7)  # floats: rounding depends on the order

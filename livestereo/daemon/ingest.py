@@ -77,6 +77,7 @@ class _Run:
         self.calibration = start.calibration
         self.layout: Layout | None = None
         self.weights: np.ndarray | None = None  # (n_det, npix) float32
+        self.last_acc: Accumulator | None = None  # the latest scan's: the next one starts from it
         self.dtype = np.dtype(start.dtype).newbyteorder("<")
         self.item_shape = start.item_shape
         self.n_positions = start.n_positions
@@ -271,7 +272,9 @@ class Ingest:
         if scan is None or msg.scan != scan.number:
             if scan is not None:
                 self._finish_scan(run)
-            scan = run.scan = _Scan(msg.scan, Accumulator(run.weights, run.n_positions))
+            acc = run.last_acc.fresh() if run.last_acc is not None else Accumulator(run.weights, run.n_positions)
+            run.last_acc = acc
+            scan = run.scan = _Scan(msg.scan, acc)
             run.highest_scan = max(run.highest_scan, msg.scan)
         count = msg.data.shape[0]
         dups = scan.acc.add(msg.data, msg.first)
