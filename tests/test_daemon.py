@@ -269,16 +269,30 @@ def test_snapshots_are_latest_wins_with_valid_mask(harness):
     assert last.final and last.complete and last.valid.all()
 
 
-def test_layout_weights_written_from_cached_chunks_stay_exact(tmp_path):
-    from livestereo.daemon.results import _write_weights
+def test_scan_files_of_interleaved_runs_get_their_own_layout_and_calibration(tmp_path):
+    """Each run's /layout and /calibration are built once and copied into its scan files:
+    runs whose layouts differ by one weight pixel never get each other's."""
+    from livestereo.daemon.products import LayoutInfo, ScanImages
+    from livestereo.daemon.results import write_scan
+    from livestereo.protocol.messages import Calibration
 
     rng = np.random.default_rng(3)
     a = (rng.random((3, 20, 24)) * (rng.random((3, 20, 24)) > 0.7)).astype(np.float32)
     b = a.copy()
-    b[1, 5, 5] += 0.5  # one pixel differs: must not reuse a's chunks
-    for i, w in enumerate([a, a, b, a, b]):
-        with h5py.File(tmp_path / f"{i}.h5", "w") as f:
-            _write_weights(f, w)
-        with h5py.File(tmp_path / f"{i}.h5", "r") as f:
-            np.testing.assert_array_equal(f["weights"][()], w)
-            assert f["weights"].chunks == (1, 20, 24) and f["weights"].compression == "gzip"
+    b[1, 5, 5] += 0.5
+    runs = {}
+    for name, w, step in (("ra", a, 1.0), ("rb", b, 2.5)):
+        lay = LayoutInfo(("x", "y", "z"), ("view", "view", "bf"), rng.normal(size=(3, 2)), w, (9.5, 11.0), 7.0)
+        runs[name] = (lay, Calibration(convergence_semiangle_mrad=30.0, scan_step_nm=step))
+    for i, name in enumerate(["ra", "ra", "rb", "ra", "rb"]):
+        lay, cal = runs[name]
+        scan = ScanImages(name, i, 1, rng.random((3, 4, 5)), np.ones((4, 5), bool), lay, cal, {}, True, True, {"frames": 20})
+        path = write_scan(scan, tmp_path / f"{i}.h5")
+        with h5py.File(path, "r") as f:
+            np.testing.assert_array_equal(f["layout/weights"][()], lay.weights)
+            assert f["layout/weights"].chunks == (1, 20, 24) and f["layout/weights"].compression == "gzip"
+            np.testing.assert_array_equal(f["layout/centroids_mrad"][()], lay.centroids_mrad)
+            assert [n.decode() for n in f["layout/names"][()]] == ["x", "y", "z"]
+            assert tuple(f["layout"].attrs["disc_center_px"]) == (9.5, 11.0) and f["layout"].attrs["disc_radius_px"] == 7.0
+            assert f["calibration"].attrs["scan_step_nm"] == cal.scan_step_nm
+            np.testing.assert_array_equal(f["images"][()], scan.images)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import xxhash
 
 from livestereo import __version__
 from livestereo.daemon.products import LayoutInfo, ScanImages
@@ -58,8 +57,7 @@ def write_scan(result: ScanImages, path: Path) -> Path:
         d.attrs["axes"] = "detector, scan_y, scan_x"
         d.attrs["units"] = "counts"
         f.create_dataset("valid", data=result.valid)
-        write_layout(f.create_group("layout"), result.layout)
-        write_calibration(f.create_group("calibration"), result.calibration)
+        _copy_run_groups(f, result.layout, result.calibration)
     os.replace(tmp, path)
     return path
 
@@ -69,46 +67,38 @@ def write_layout(g: h5py.Group, layout: LayoutInfo) -> None:
     g.create_dataset("roles", data=np.array(layout.roles, dtype=h5py.string_dtype()))
     c = g.create_dataset("centroids_mrad", data=layout.centroids_mrad)
     c.attrs["axes"] = "detector, (theta_x, theta_y)"
-    _write_weights(g, layout.weights)
+    w = np.ascontiguousarray(layout.weights)  # gzip + shuffle, one chunk per detector
+    g.create_dataset("weights", data=w, chunks=(1, *w.shape[1:]), compression="gzip", shuffle=True)
     if layout.disc_center_px is not None:
         g.attrs["disc_center_px"] = np.asarray(layout.disc_center_px, dtype=np.float64)
     if layout.disc_radius_px is not None:
         g.attrs["disc_radius_px"] = float(layout.disc_radius_px)
 
 
-#: compressed chunks of recently written layout weights: every scan of a run writes the same
-#: weights, and compressing them again cost ~8 ms per scan file (a 1024-position scan of
-#: 256x256 frames takes ~50 ms to acquire at 20 k frames/s)
-_WEIGHT_CHUNKS: dict[tuple, list[tuple[tuple[int, ...], int, bytes]]] = {}
-_WEIGHT_CHUNKS_SIZE = 4
-_WEIGHT_CHUNKS_LOCK = threading.Lock()
+#: in-memory HDF5 files holding the ``layout`` and ``calibration`` groups of recent runs:
+#: every scan of a run writes the same ones, and building them again (compressing the
+#: weights, ~25 objects and attributes through h5py) cost more than the rest of a scan file;
+#: each scan copies them in two calls instead (the same objects, bit for bit). Keyed by the
+#: run's own LayoutInfo and Calibration objects, which every scan of a run shares (held
+#: here, so their ids cannot be reused by other objects).
+_TEMPLATES: list[tuple[LayoutInfo, Calibration, h5py.File]] = []
+_TEMPLATES_SIZE = 4
+_TEMPLATES_LOCK = threading.Lock()
 
 
-def _write_weights(g: h5py.Group, weights: np.ndarray) -> None:
-    """``/layout/weights``: gzip + shuffle, one chunk per detector. The compressed chunks of
-    weights seen recently are copied as they are (HDF5's direct chunk write) instead of being
-    compressed again; the dataset is the same either way."""
-    w = np.ascontiguousarray(weights)
-    chunks = (1, *w.shape[1:])
-    ds = g.create_dataset("weights", shape=w.shape, dtype=w.dtype, chunks=chunks, compression="gzip", shuffle=True)
-    key = (w.shape, w.dtype.str, xxhash.xxh3_128_intdigest(w))
-    with _WEIGHT_CHUNKS_LOCK:
-        cached = _WEIGHT_CHUNKS.get(key)
-    if cached is not None:
-        for offset, filter_mask, data in cached:
-            ds.id.write_direct_chunk(offset, data, filter_mask)
-        return
-    ds[...] = w
-    ds.flush()
-    cached = []
-    for d in range(w.shape[0]):
-        offset = (d,) + (0,) * (w.ndim - 1)
-        filter_mask, data = ds.id.read_direct_chunk(offset)
-        cached.append((offset, filter_mask, bytes(data)))
-    with _WEIGHT_CHUNKS_LOCK:
-        _WEIGHT_CHUNKS[key] = cached
-        while len(_WEIGHT_CHUNKS) > _WEIGHT_CHUNKS_SIZE:
-            del _WEIGHT_CHUNKS[next(iter(_WEIGHT_CHUNKS))]
+def _copy_run_groups(f: h5py.File, layout: LayoutInfo, cal: Calibration) -> None:
+    """``/layout`` and ``/calibration`` into ``f``, from the run's template."""
+    with _TEMPLATES_LOCK:
+        template = next((t for lay, c, t in _TEMPLATES if lay is layout and c is cal), None)
+        if template is None:
+            template = h5py.File(f"livestereo-template-{id(layout)}-{id(cal)}", "w", driver="core", backing_store=False)
+            write_layout(template.create_group("layout"), layout)
+            write_calibration(template.create_group("calibration"), cal)
+            _TEMPLATES.append((layout, cal, template))
+            while len(_TEMPLATES) > _TEMPLATES_SIZE:
+                _TEMPLATES.pop(0)[2].close()
+        template.copy(template["layout"], f, "layout")
+        template.copy(template["calibration"], f, "calibration")
 
 
 def write_calibration(g: h5py.Group, cal: Calibration) -> None:
