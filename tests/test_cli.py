@@ -56,6 +56,9 @@ def test_status_line_reports_rates_and_counts(caplog):
     line = caplog.records[-1].getMessage()
     assert line.startswith("run r scan 2/3 | ") and "frames/s" in line and "GB/s" in line
     assert "rejected 3" in line and "gaps 2" in line and "scans done 1" in line and "frames 100" in line
+    assert "awaiting" not in line
+    s.update(c, "run r scan 2/3", 300, force=True, awaiting_analysis=4)
+    assert s.last_line.endswith(" | 4 awaiting analysis")
 
 
 def test_progress_bar_in_a_terminal():

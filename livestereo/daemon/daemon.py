@@ -207,7 +207,7 @@ class Daemon:
                     ingest.check_idle(cfg.idle_timeout_s)
                 if status.due():
                     desc, total = self._run_desc()
-                    status.update(ingest.counters, desc, total)
+                    status.update(ingest.counters, desc, total, awaiting_analysis=self.writer.backlog)
                     self._publish_status()
                 if max_runs is not None and len(self.runs_ended) >= max_runs:
                     break
@@ -216,7 +216,7 @@ class Daemon:
             ingest.flush("interrupted")
         finally:
             desc, total = self._run_desc()
-            self.status.update(ingest.counters, desc, total, force=True)
+            self.status.update(ingest.counters, desc, total, force=True, awaiting_analysis=self.writer.backlog)
             self.status.close()
             self.snapshots.close()
             for w in self.workers:

@@ -19,7 +19,8 @@ def format_rate(n: float) -> str:
 
 
 class StatusLine:
-    """Every ``interval_s``: frames/s, GB/s, rejected, gaps, scans done (and a tqdm bar on a tty)."""
+    """Every ``interval_s``: frames/s, GB/s, rejected, gaps, scans done, and finished scans
+    whose analyses are still waiting when there are any (and a tqdm bar on a tty)."""
 
     def __init__(self, interval_s: float = 1.0, *, progress: bool | None = None, stream=None):
         self.interval_s = interval_s
@@ -37,7 +38,8 @@ class StatusLine:
         """True when the next line is due (cheap: call it per message)."""
         return time.monotonic() - self._t >= self.interval_s
 
-    def update(self, counters: Counters, run_desc: str, total_frames: int | None, force: bool = False) -> None:
+    def update(self, counters: Counters, run_desc: str, total_frames: int | None, force: bool = False,
+               awaiting_analysis: int = 0) -> None:
         now = time.monotonic()
         dt = now - self._t
         if dt < self.interval_s and not force:
@@ -50,6 +52,8 @@ class StatusLine:
             f"{run_desc} | {format_rate(fps)} frames/s {gbs:.2f} GB/s | frames {counters.frames} | "
             f"rejected {counters.rejected_total} | gaps {counters.gaps} | scans done {counters.scans_done}"
         )
+        if awaiting_analysis:
+            self.last_line += f" | {awaiting_analysis} awaiting analysis"
         if self.progress:
             self._progress(counters, total_frames)
         else:
