@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter runs")
     ap.add_argument("--skip-kernels", action="store_true", help="skip part (a)")
     ap.add_argument("--reps", type=int, default=None, help="alternating runs per receiver in (b) (default 3; --quick 1)")
+    ap.add_argument("--scans", type=int, default=None,
+                    help="32 x 32 scans streamed per batched run in (b) (default 24, ~1 s; --quick 8; a third of that one frame per message)")
     ap.add_argument("--receive", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.receive:
@@ -157,7 +159,7 @@ def main() -> None:
         print(format_rows(bench_accumulation(4.0 if args.quick else 10.0)), flush=True)
 
     print("\n(b) end to end: simulator process -> tcp loopback -> receiver process (256x256 uint16)", flush=True)
-    scans = 8 if args.quick else 24
+    scans = args.scans or (8 if args.quick else 24)
     reps = args.reps or (1 if args.quick else 3)
     rows = []
     paired: dict[tuple[int, str], list[float]] = {}
