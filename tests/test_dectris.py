@@ -56,7 +56,8 @@ def test_bslz4_into_unaligned_output():
 
 
 def test_bslz4_matches_bitshuffle_library():
-    bitshuffle = pytest.importorskip("bitshuffle", reason="bitshuffle package not installed (optional)")
+    import bitshuffle
+
     a = RNG.poisson(2, size=(192, 192)).astype(np.uint16)
     ours = compression.compress_bslz4(a)
     block = int.from_bytes(ours[8:12], "big") // 2
@@ -93,6 +94,30 @@ def test_corrupt_bslz4_raises_protocol_error():
     wrong_size[:8] = (7).to_bytes(8, "big")
     with pytest.raises(ProtocolError, match="declares 7 bytes"):
         compression.decompress_into(bytes(wrong_size), "bslz4", 2, out)
+
+
+@pytest.mark.parametrize("path", ["bitshuffle", "lz4", "numba"])
+def test_every_bslz4_decoder_gives_the_same_frames_and_errors(monkeypatch, path):
+    """The bitshuffle C decoder (default), the lz4-package path and the numba-only path."""
+    if path != "bitshuffle":
+        monkeypatch.setattr(compression, "_bshuf", None)
+    if path == "numba":
+        monkeypatch.setattr(compression, "_lz4", None)
+    for dtype, shape in ((np.uint16, (64, 64)), (np.uint32, (37, 29)), (np.uint8, (5, 3))):  # odd sizes: a raw tail
+        a = RNG.poisson(3, size=shape).astype(dtype)
+        enc = compression.compress_bslz4(a, block_bytes=1024)
+        out = np.empty_like(a)
+        compression.decompress_into(enc, "bslz4", a.itemsize, out)
+        assert np.array_equal(out, a), (path, dtype)
+    enc = bytearray(compression.compress_bslz4(RNG.poisson(3, size=(64, 64)).astype(np.uint16), block_bytes=1024))
+    out = np.empty((64, 64), np.uint16)
+    for bad in (enc[: len(enc) // 2], enc[:12] + (10**6).to_bytes(4, "big") + enc[16:], enc[:-3]):
+        with pytest.raises(ProtocolError, match="corrupt"):
+            compression.decompress_into(bytes(bad), "bslz4", 2, out)
+    garbled = bytearray(enc)
+    garbled[16:40] = b"\xff" * 24  # an LZ4 block that does not decode to its size
+    with pytest.raises(ProtocolError, match="corrupt"):
+        compression.decompress_into(bytes(garbled), "bslz4", 2, out)
 
 
 def test_cbor_decode_typed_arrays():

@@ -1,8 +1,11 @@
 """Bitshuffle-LZ4 and LZ4 with HDF5 framing (what DECTRIS detectors send), in numba.
 
-Decoding needs no compression library: an LZ4 block decoder and the bitshuffle
-transposition are a few dozen lines of numba each, run without the GIL, and write
-straight into the caller's buffer (a slot of a frame batch).
+Decoding uses the ``bitshuffle`` package's C decoder (SIMD bit transposition and the LZ4 C
+library: ~5x the numba path) once a numba pass has checked that every block the framing
+declares lies inside the buffer (bitshuffle trusts the sizes it reads). Without it: the
+``lz4`` package per block and a numba transposition, or, with neither, an LZ4 block
+decoder and the transposition in numba alone (a few dozen lines each, without the GIL,
+straight into the caller's buffer).
 
 Framing (the bitshuffle HDF5 filter, DECTRIS "bslz4"; the HDF5 LZ4 filter, "lz4"):
 8-byte big-endian uncompressed size, 4-byte big-endian block size in bytes, then per
@@ -278,6 +281,58 @@ try:  # the LZ4 C library (LZ4_decompress_safe) is ~5x faster than the numba dec
 except ImportError:  # pragma: no cover - numba fallback
     _lz4 = None
 
+try:  # whole frames in C: 40 us instead of 220 us for a 192 x 192 uint32 frame
+    import bitshuffle as _bshuf
+except ImportError:  # pragma: no cover - the lz4 / numba paths
+    _bshuf = None
+
+_ELEMENT_DTYPES = {n: np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
+
+
+@numba.njit(nogil=True, cache=True)
+def _check_bslz4_framing(src, es, total):
+    """0 when the HDF5-framed bslz4 ``src`` declares ``total`` bytes and each of its blocks
+    (and the uncompressed tail) lies inside it; else the negative error of _decode_bslz4.
+    Nothing is decoded: this walks the 4-byte block headers only."""
+    if src.size < 12:
+        return -6
+    if _be64(src, 0) != total:
+        return -5
+    block = _be32(src, 8)
+    if block <= 0 or block % es != 0 or (block // es) % 8 != 0:
+        return -4
+    n_elem = total // es
+    block_elems = block // es
+    si = 12
+    done = 0
+    while n_elem - done >= 8:
+        be = min(block_elems, n_elem - done)
+        be -= be % 8
+        if si + 4 > src.size:
+            return -6
+        c = _be32(src, si)
+        si += 4
+        if c < 0 or si + c > src.size:
+            return -6
+        si += c
+        done += be
+    if si + (n_elem - done) * es > src.size:
+        return -6
+    return 0
+
+
+def _decode_bslz4_bitshuffle(src: np.ndarray, es: int, dst: np.ndarray, block: int) -> int:
+    """_decode_bslz4 by the bitshuffle package, after _check_bslz4_framing."""
+    r = _check_bslz4_framing(src, es, dst.size)
+    if r != 0:
+        return r
+    try:
+        plain = _bshuf.decompress_lz4(src[12:], (dst.size // es,), _ELEMENT_DTYPES[es], block // es)
+    except (RuntimeError, ValueError):  # an LZ4 block it could not decode
+        return -1
+    dst[:] = plain.view(np.uint8)
+    return 0
+
 
 def _decode_bslz4_lib(src: np.ndarray, es: int, dst: np.ndarray, block: int) -> int:
     """_decode_bslz4 with the LZ4 blocks decoded by the lz4 package."""
@@ -341,6 +396,8 @@ def decompress_into(buf, algorithm: str, elem_size: int, out: np.ndarray) -> Non
         block = int.from_bytes(bytes(src[8:12]), "big") if src.size >= 12 else 0
         if block > 64 << 20:
             r = -4
+        elif _bshuf is not None and dst.size % elem_size == 0:
+            r = _decode_bslz4_bitshuffle(src, elem_size, dst, block)
         elif _lz4 is not None:
             r = _decode_bslz4_lib(src, elem_size, dst, block)
         else:
