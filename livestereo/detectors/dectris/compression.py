@@ -194,32 +194,55 @@ def _be64(src, i):
 
 
 @numba.njit(nogil=True, cache=True)
-def _decode_bslz4(src, es, dst, scratch):
-    """HDF5-framed bitshuffle-LZ4 src -> dst (exactly len(dst) bytes). Returns 0 or a
-    negative error: -1..-3 from LZ4, -4 bad header, -5 size mismatch, -6 truncated."""
+def _check_bslz4_framing(src, es, total):
+    """0 when the HDF5-framed bslz4 ``src`` declares ``total`` bytes and each of its blocks
+    (and the uncompressed tail) lies inside it; else the negative error of _decode_bslz4.
+    Nothing is decoded: this walks the 4-byte block headers only."""
     if src.size < 12:
         return -6
-    total = _be64(src, 0)
-    block = _be32(src, 8)
-    if total != dst.size:
+    if _be64(src, 0) != total:
         return -5
+    block = _be32(src, 8)
     if block <= 0 or block % es != 0 or (block // es) % 8 != 0:
         return -4
     n_elem = total // es
     block_elems = block // es
     si = 12
-    di = 0
     done = 0
     while n_elem - done >= 8:
         be = min(block_elems, n_elem - done)
         be -= be % 8
-        nbytes = be * es
         if si + 4 > src.size:
             return -6
         c = _be32(src, si)
         si += 4
         if c < 0 or si + c > src.size:
             return -6
+        si += c
+        done += be
+    if si + (n_elem - done) * es > src.size:
+        return -6
+    return 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _decode_bslz4(src, es, dst, scratch):
+    """HDF5-framed bitshuffle-LZ4 src -> dst (exactly len(dst) bytes). Returns 0 or a
+    negative error: -1..-3 from LZ4, -4 bad header, -5 size mismatch, -6 truncated."""
+    r = _check_bslz4_framing(src, es, dst.size)
+    if r != 0:
+        return r
+    n_elem = dst.size // es
+    block_elems = _be32(src, 8) // es
+    si = 12
+    di = 0
+    done = 0
+    while n_elem - done >= 8:  # every block lies inside src (checked above)
+        be = min(block_elems, n_elem - done)
+        be -= be % 8
+        nbytes = be * es
+        c = _be32(src, si)
+        si += 4
         r = _lz4_block(src, si, si + c, scratch, 0, nbytes)
         if r < 0:
             return r
@@ -229,10 +252,7 @@ def _decode_bslz4(src, es, dst, scratch):
         si += c
         di += nbytes
         done += be
-    left = (n_elem - done) * es
-    if si + left > src.size:
-        return -6
-    for i in range(left):
+    for i in range((n_elem - done) * es):
         dst[di + i] = src[si + i]
     return 0
 
@@ -287,38 +307,6 @@ except ImportError:  # pragma: no cover - the lz4 / numba paths
     _bshuf = None
 
 _ELEMENT_DTYPES = {n: np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
-
-
-@numba.njit(nogil=True, cache=True)
-def _check_bslz4_framing(src, es, total):
-    """0 when the HDF5-framed bslz4 ``src`` declares ``total`` bytes and each of its blocks
-    (and the uncompressed tail) lies inside it; else the negative error of _decode_bslz4.
-    Nothing is decoded: this walks the 4-byte block headers only."""
-    if src.size < 12:
-        return -6
-    if _be64(src, 0) != total:
-        return -5
-    block = _be32(src, 8)
-    if block <= 0 or block % es != 0 or (block // es) % 8 != 0:
-        return -4
-    n_elem = total // es
-    block_elems = block // es
-    si = 12
-    done = 0
-    while n_elem - done >= 8:
-        be = min(block_elems, n_elem - done)
-        be -= be % 8
-        if si + 4 > src.size:
-            return -6
-        c = _be32(src, si)
-        si += 4
-        if c < 0 or si + c > src.size:
-            return -6
-        si += c
-        done += be
-    if si + (n_elem - done) * es > src.size:
-        return -6
-    return 0
 
 
 def _decode_bslz4_bitshuffle(src: np.ndarray, es: int, dst: np.ndarray, block: int) -> int:
