@@ -323,15 +323,11 @@ def _decode_bslz4_bitshuffle(src: np.ndarray, es: int, dst: np.ndarray, block: i
 
 
 def _decode_bslz4_lib(src: np.ndarray, es: int, dst: np.ndarray, block: int) -> int:
-    """_decode_bslz4 with the LZ4 blocks decoded by the lz4 package."""
-    if src.size < 12:
-        return -6
-    total = int.from_bytes(src[:8].tobytes(), "big")
-    if total != dst.size:
-        return -5
-    if block <= 0 or block % es or (block // es) % 8:
-        return -4
-    n_elem = total // es
+    """_decode_bslz4 with the LZ4 blocks decoded by the lz4 package, after _check_bslz4_framing."""
+    r = _check_bslz4_framing(src, es, dst.size)
+    if r != 0:
+        return r
+    n_elem = dst.size // es
     block_elems = block // es
     mv = memoryview(src)
     si, di, done = 12, 0, 0
@@ -341,12 +337,8 @@ def _decode_bslz4_lib(src: np.ndarray, es: int, dst: np.ndarray, block: int) -> 
         be = min(block_elems, n_elem - done)
         be -= be % 8
         nbytes = be * es
-        if si + 4 > src.size:
-            return -6
-        c = int.from_bytes(mv[si:si + 4], "big")
+        c = int.from_bytes(mv[si:si + 4], "big")  # every block lies inside src (checked above)
         si += 4
-        if si + c > src.size:
-            return -6
         try:
             plain = _lz4.decompress(mv[si:si + c], uncompressed_size=nbytes)
         except Exception:
@@ -362,8 +354,6 @@ def _decode_bslz4_lib(src: np.ndarray, es: int, dst: np.ndarray, block: int) -> 
         di += nbytes
         done += be
     left = (n_elem - done) * es
-    if si + left > src.size:
-        return -6
     dst[di:di + left] = src[si:si + left]
     return 0
 
