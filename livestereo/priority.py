@@ -48,18 +48,9 @@ def lower_thread_priority(niceness: int, *, idle: bool = False) -> str:
 
 
 def lower_process_priority(niceness: int = VIEW_NICENESS) -> str:
-    """The calling process (and the threads it starts later) in the SCHED_IDLE class, else
-    ``niceness`` steps nicer: for the live window before it starts, so that a window never
-    slows ingest (llvmpipe renders on the CPU); on a busy machine it only redraws less
-    often. Returns ``"idle"``, ``"nice +N"`` or ``"normal"``."""
-    if hasattr(os, "sched_setscheduler"):
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            return "idle"
-        except OSError:
-            pass
-    try:
-        os.nice(niceness)
-        return f"nice +{niceness}"
-    except (AttributeError, OSError):
-        return "normal"
+    """The calling process in the SCHED_IDLE class, else ``niceness`` steps nicer: for the
+    live window, as the ``preexec_fn`` of its Popen, where the calling thread is the whole
+    process and what it gets passes on to everything it starts. A window then never slows
+    ingest (llvmpipe renders on the CPU); on a busy machine it only redraws less often.
+    Returns ``"idle"``, ``"nice +N"`` or ``"normal"``."""
+    return lower_thread_priority(niceness, idle=True)

@@ -45,6 +45,20 @@ def test_idle_class_applies_to_the_calling_thread_only():
     assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is a Linux scheduling class")
+def test_window_process_starts_in_the_idle_class():
+    import subprocess
+
+    from livestereo.priority import lower_process_priority
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], preexec_fn=lower_process_priority)
+    try:
+        assert os.sched_getscheduler(child.pid) == os.SCHED_IDLE
+    finally:
+        child.kill()
+        child.wait()
+
+
 def _finished_scan(scan: int):
     from livestereo.daemon.products import LayoutInfo, ScanImages
     from livestereo.protocol.messages import Calibration
