@@ -274,14 +274,17 @@ def test_open_source_url():
 
     frames = np.ones((4, 4, 4), np.uint16)
     with MerlinSimulator(frames, scan_shape=(2, 2)) as sim:
-        src = open_source(f"merlin://127.0.0.1:{sim.port}?hot=1,1;2,2&batch=2&threaded=0")
+        src = open_source(f"merlin://127.0.0.1:{sim.port}?hot=1,1;2,2&batch=2&threaded=0&busy_poll_us=250")
         assert src.name == f"Merlin tcp://127.0.0.1:{sim.port}" and not src.threaded
+        assert src.busy_poll_s == pytest.approx(250e-6)
         items = collect(src)
         src.close()
     assert items[0].message.metadata["masked_pixels"] == 2
     assert max(i.message.count for i in items if isinstance(i.message, FramesMessage)) <= 2
     with pytest.raises(ValueError, match="unknown source URL scheme"):
         open_source("gopher://x")
+    with pytest.raises(ValueError, match="busy_poll_us='fast' is not a number"):
+        open_source("merlin://127.0.0.1:1?busy_poll_us=fast")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -375,9 +378,10 @@ def test_stream_stops_mid_series():
     assert not any(isinstance(i.message, EndMessage) for i in items)
 
 
-def test_connection_closed_mid_series(threaded):
+@pytest.mark.parametrize("busy_poll_s", [0.0, 0.001], ids=["blocking", "busy-poll"])
+def test_connection_closed_mid_series(threaded, busy_poll_s):
     parts = _stream(FR[:5], (2, 4), n_frames=8)
-    items = _run_raw([b"".join(parts) + parts[1][:100]], threaded=threaded)
+    items = _run_raw([b"".join(parts) + parts[1][:100]], threaded=threaded, busy_poll_s=busy_poll_s)
     reasons = [e.reason for e in errors_of(items)]
     assert "truncated" in reasons and "disconnected" in reasons
     end = [i.message for i in items if isinstance(i.message, EndMessage)]
@@ -405,16 +409,73 @@ def test_restart_without_header_is_detected_by_sequence_numbers():
     assert [e.reason for e in ends] == ["aborted", "complete"]
 
 
-def test_frames_in_small_chunks(threaded):
+@pytest.mark.parametrize("busy_poll_s", [0.0, 0.001], ids=["blocking", "busy-poll"])
+def test_frames_in_small_chunks(threaded, busy_poll_s):
     """The stream arriving a few bytes at a time decodes the same."""
     blob = b"".join(_stream(FR, (2, 4)))
     chunks = [blob[i:i + 997] for i in range(0, len(blob), 997)]
     with RawTcpServer(chunks, pause_s=0.001) as srv:
-        src = MerlinSource("127.0.0.1", srv.port, reconnect=False, frames_per_message=3, threaded=threaded)
+        src = MerlinSource("127.0.0.1", srv.port, reconnect=False, frames_per_message=3, threaded=threaded,
+                           busy_poll_s=busy_poll_s)
         items = collect(src)
         src.close()
     assert not errors_of(items)
     assert np.array_equal(frames_of(items), FR)
+
+
+def _reader_pair(busy_poll_s, chunk=1000, idle_s=0.05):
+    import socket
+
+    from livestereo.detectors.merlin.source import _Reader
+
+    a, b = socket.socketpair()
+    return _Reader(a, chunk, 16, idle_s=idle_s, busy_poll_s=busy_poll_s), a, b
+
+
+@pytest.mark.parametrize("busy_poll_s", [0.0, 0.02])
+def test_reader_fills_a_chunk_from_pieces_and_returns_short_on_a_pause(busy_poll_s):
+    """Pieces that come within the busy-poll window (or the blocking read's timeout) fill
+    one chunk; a pause longer than both hands over what came; then the peer's close."""
+    import threading
+
+    r, a, b = _reader_pair(busy_poll_s)
+
+    def send():
+        for i in range(10):
+            b.sendall(bytes([i]) * 100)
+            time.sleep(0.002)
+        b.sendall(b"tail")
+        time.sleep(0.3)
+        b.close()
+
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        buf, lo, hi = r.fill_one()
+        assert bytes(buf[lo:hi]) == b"".join(bytes([i]) * 100 for i in range(10))
+        buf, lo, hi = r.fill_one(timeout_s=1.0)
+        assert bytes(buf[lo:hi]) == b"tail"  # short: the stream paused
+        t0 = time.perf_counter()
+        while (item := r.fill_one()) is None:
+            assert time.perf_counter() - t0 < 5
+        assert item == ("eof", None, None)
+    finally:
+        t.join()
+        a.close()
+
+
+def test_reader_busy_poll_gives_up_after_its_window():
+    """With nothing coming, busy polling spins for busy_poll_s, then the blocking read
+    waits for the rest of the timeout: fill_one returns None after about both."""
+    r, a, b = _reader_pair(0.01, idle_s=0.02)
+    try:
+        t0 = time.perf_counter()
+        assert r.fill_one() is None
+        dt = time.perf_counter() - t0
+        assert 0.025 <= dt < 0.5, dt
+    finally:
+        a.close()
+        b.close()
 
 
 def test_truncated_mib_file(tmp_path):

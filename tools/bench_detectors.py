@@ -1,10 +1,12 @@
 """Real-detector ingest benchmark: livestereo's Merlin source + two stereo virtual detectors
 against LiberTEM-live's live ApplyMasksUDF, on the same machine and the same simulated
 Merlin (LiberTEM-live's ``libertem-live-mib-sim`` serving a 128x128 scan of 256x256 12-bit
-frames from a .mib file), plus the simulator's own send rate into a bare socket reader.
+frames from a .mib file), plus the simulator's own send rate into a bare socket reader
+(blocking, and busy-polling as MerlinSource does by default).
 
     .venv/bin/python tools/bench_detectors.py                 # the issue's configuration
     .venv/bin/python tools/bench_detectors.py --scan 32 32    # quick
+    .venv/bin/python tools/bench_detectors.py --busy-poll-us 0 --chunk-kb 2048   # the old reads
 
 Every measurement is one acquisition: arm (CMD,STARTACQUISITION + CMD,SOFTTRIGGER on the
 control port) to the last frame reduced. The images of both are compared with a numpy
@@ -108,20 +110,30 @@ def arm(host: str, control_port: int) -> None:
         ctl.cmd("SOFTTRIGGER")
 
 
-def bare_reader(host: str, data_port: int, control_port: int | None, expected_bytes: int, timeout_s: float = 300) -> float:
-    """Bytes/s of a socket reader that only counts bytes (arm -> all bytes in)."""
+def bare_reader(host: str, data_port: int, control_port: int | None, expected_bytes: int, timeout_s: float = 300,
+                busy: bool = False) -> float:
+    """Bytes/s of a socket reader that only counts bytes (arm -> all bytes in): blocking
+    reads of up to 16 MB, or (busy) non-blocking reads of up to 512 kB in a spin loop, as
+    MerlinSource's busy polling does."""
     s = socket.create_connection((host, data_port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
     buf = bytearray(16 << 20)
-    mv = memoryview(buf)
+    mv = memoryview(buf)[: 512 << 10] if busy else memoryview(buf)
+    flags = socket.MSG_DONTWAIT if busy else 0
     got = 0
     settle()
     t0 = time.perf_counter()
     if control_port is not None:
         arm(host, control_port)
-    s.settimeout(timeout_s)
+    if not busy:
+        s.settimeout(timeout_s)  # (a Python timeout would make every read wait in poll first)
     while got < expected_bytes:
-        n = s.recv_into(mv)
+        try:
+            n = s.recv_into(mv, 0, flags)
+        except BlockingIOError:
+            if time.perf_counter() - t0 > timeout_s:
+                break
+            continue
         if n == 0:
             break
         got += n
@@ -133,15 +145,16 @@ def bare_reader(host: str, data_port: int, control_port: int | None, expected_by
 
 
 def livestereo_run(host: str, data_port: int, control_port: int | None, weights: np.ndarray, n: int, batch: int,
-                   timeout_s: float = 300, threaded: bool | None = None):
-    """(frames/s, images (2, n), errors) of MerlinSource + Accumulator."""
+                   timeout_s: float = 300, threaded: bool | None = None, **source_kw):
+    """(frames/s, images (2, n), errors) of MerlinSource (``source_kw``: more of its
+    arguments) + Accumulator."""
     from livestereo.compute.accumulate import Accumulator
 
     acc = Accumulator(weights, n)
     acc.add(np.zeros((16, weights.shape[1]), np.uint16), 0)  # compile the kernels outside the timing
     acc = Accumulator(weights, n)
     settle()
-    kw = {} if threaded is None else {"threaded": threaded}
+    kw = dict(source_kw) if threaded is None else {**source_kw, "threaded": threaded}
     src = MerlinSource(host, data_port, control_port=control_port, arm=control_port is not None,
                        soft_trigger=control_port is not None, frames_per_message=batch, **kw)
     errors = []
@@ -283,7 +296,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-libertem", action="store_true", help="skip LiberTEM-live even when installed")
     ap.add_argument("--reader", choices=("default", "thread", "caller"), default="default",
                     help="MerlinSource(threaded=...): its default, a reader thread, or the caller's thread")
+    ap.add_argument("--busy-poll-us", type=float, default=None,
+                    help="MerlinSource(busy_poll_s=...) in microseconds (0: blocking reads); default: the source's")
+    ap.add_argument("--chunk-kb", type=int, default=None,
+                    help="MerlinSource(recv_chunk_bytes=...) in kB; default: the source's")
     args = ap.parse_args(argv)
+    source_kw = {}
+    if args.busy_poll_us is not None:
+        source_kw["busy_poll_s"] = args.busy_poll_us * 1e-6
+    if args.chunk_kb is not None:
+        source_kw["recv_chunk_bytes"] = args.chunk_kb << 10
 
     ny, nx = args.scan
     n = ny * nx
@@ -318,11 +340,14 @@ def main(argv=None) -> int:
                 rates = [bare_reader(host, dp, cp, expected) for _ in range(args.repeat)]
                 sim_bps = max(rates)
                 results["sim_fps"] = sim_bps / msg_bytes
+                busy_bps = max(bare_reader(host, dp, cp, expected, busy=True) for _ in range(args.repeat))
+                results["sim_busy_fps"] = busy_bps / msg_bytes
                 lines.append(f"LiberTEM-live simulator -> bare socket reader: {results['sim_fps']:,.0f} frames/s "
-                             f"({sim_bps / 1e9:.2f} GB/s)")
+                             f"({sim_bps / 1e9:.2f} GB/s) blocking; {results['sim_busy_fps']:,.0f} frames/s "
+                             f"({busy_bps / 1e9:.2f} GB/s) busy-polling")
                 best_ls = (0.0, None)
                 for _ in range(args.repeat):
-                    fps, imgs, errors, got = livestereo_run(host, dp, cp, weights, n, args.batch, threaded=threaded)
+                    fps, imgs, errors, got = livestereo_run(host, dp, cp, weights, n, args.batch, threaded=threaded, **source_kw)
                     if errors:
                         lines.append(f"livestereo errors: {errors[:3]}")
                     if got != n:
@@ -345,7 +370,9 @@ def main(argv=None) -> int:
                 ratio = results["livestereo_fps"] / results["libertem_fps"]
                 sim_ratio = results["livestereo_fps"] / results["sim_fps"]
                 lines.append(f"ratio livestereo / LiberTEM-live: {ratio:.2f}x (target >= 2x); "
-                             f"livestereo / simulator send rate: {sim_ratio:.2f} (target >= 0.9 where the simulator is the limit)")
+                             f"livestereo / simulator send rate: {sim_ratio:.2f} into the blocking reader, "
+                             f"{results['livestereo_fps'] / results['sim_busy_fps']:.2f} into the busy-polling one "
+                             f"(target >= 0.9 where the simulator is the limit)")
                 lines.append(compare("livestereo", best_ls[1], ref))
                 lines.append(compare("LiberTEM-live", best_lt[1], ref))
                 lines.append(f"max |livestereo - LiberTEM-live| = {float(np.max(np.abs(best_ls[1] - best_lt[1]))):.3g}")
@@ -366,7 +393,7 @@ def main(argv=None) -> int:
             best = (0.0, None)
             for _ in range(args.repeat):
                 fps, imgs, errors, got = livestereo_run(host, sim.port, sim.control_port, weights, n, args.batch,
-                                                        threaded=threaded)
+                                                        threaded=threaded, **source_kw)
                 if errors:
                     lines.append(f"livestereo (own simulator) errors: {errors[:3]}")
                 best = max(best, (fps, imgs), key=lambda t: t[0])

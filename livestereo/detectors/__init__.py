@@ -9,7 +9,7 @@ messages as the livestereo stream.
 
 :func:`open_source` opens one from a URL::
 
-    merlin://HOST[:PORT][?control=6341&arm=1&hot=39,52;10,11&depth=12&batch=64&threaded=1]
+    merlin://HOST[:PORT][?control=6341&arm=1&hot=39,52;10,11&depth=12&batch=64&threaded=1&busy_poll_us=1000]
     dectris://HOST[:PORT][?channel=threshold_1&rest=80&arm=1&trigger=1&images=scan]
     PATH (a .npy / HDF5 / .mib file; picked by content)
 
@@ -90,6 +90,11 @@ def open_source(url: str, *, calibration=None, scan_shape=None, frames_per_messa
             kw.setdefault("depth", int(query["depth"]))
         if "threaded" in query:
             kw.setdefault("threaded", _flag(query["threaded"]))
+        if "busy_poll_us" in query:
+            try:
+                kw.setdefault("busy_poll_s", float(query["busy_poll_us"]) * 1e-6)
+            except ValueError:
+                raise ValueError(f"{url}: busy_poll_us={query['busy_poll_us']!r} is not a number of microseconds") from None
         if "hot" in query:
             kw.setdefault("hot_pixels", [tuple(int(x) for x in p.split(",")) for p in query["hot"].split(";") if p])
         return MerlinSource(host, parts.port or 6342, scan_shape=scan_shape, calibration=calibration,
