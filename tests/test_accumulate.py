@@ -268,6 +268,9 @@ def test_support_and_plan():
     assert ((pix >= 0) & (pix < NPIX)).all()
     table, pf_pix = piece_table(plan, 2)
     assert table.shape == (plan.n_pieces, 8) and table.dtype == np.int64 and (pf_pix == pix).all()
+    again = piece_table(plan, 2)
+    assert again[0] is table and again[1] is pf_pix  # built once per plan and itemsize
+    assert piece_table(plan, 4)[0] is not table
     empty = Accumulator(np.zeros((2, NPIX), np.float32), 3)
     empty.add(frames_of("uint8", 3), 0)
     assert not empty.images.any() and empty.filled.all()

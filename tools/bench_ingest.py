@@ -43,15 +43,39 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def receive_bare(endpoint: str) -> dict:
-    """The baseline: a bare PULL loop, zero-copy, that only looks for the end message."""
+def _threads() -> dict[str, float]:
+    """CPU seconds (user + system) of each live thread of this process, keyed
+    "name:tid" (Python's thread name where it knows the thread, else the OS one)."""
+    import threading
+
+    names = {th.native_id: th.name for th in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for t in Path("/proc/self/task").iterdir():
+        try:
+            st = (t / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        f = st[st.rindex(")") + 2:].split()
+        name = names.get(int(t.name), st[st.index("(") + 1:st.rindex(")")])
+        out[f"{name}:{t.name}"] = (int(f[11]) + int(f[12])) / tick
+    return out
+
+
+def _thread_cpu(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
+
+
+def receive_bare(endpoint: str, rcvhwm: int) -> dict:
+    """The baseline: a bare PULL loop, zero-copy, that only looks for the end message.
+
+    It imports neither livestereo nor numpy: numpy starts OpenBLAS's thread pool, whose
+    threads spin for a while after start-up, on the CPU this loop is measured on."""
     import msgpack
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.PULL)
-    from livestereo.daemon.config import DaemonConfig
-
-    sock.rcvhwm = DaemonConfig().rcvhwm  # the same queue bound as the daemon
+    sock.rcvhwm = rcvhwm  # the same queue bound as the daemon
     sock.connect(endpoint)
     nbytes = frames_msgs = 0
     t_first = None
@@ -61,14 +85,17 @@ def receive_bare(endpoint: str) -> dict:
             if t_first is None:
                 t_first = time.perf_counter()
                 cpu0 = _cpu()
+                thr0 = _threads()
             frames_msgs += 1
             nbytes += parts[1].buffer.nbytes
         elif msgpack.unpackb(parts[0].buffer).get("type") == "end":
             t_end = time.perf_counter()
             cpu1 = _cpu()
             frames = msgpack.unpackb(parts[0].buffer)["frames_sent"]
+            thr1 = _threads()
             break
     return {"frames": frames, "bytes": nbytes, "seconds": t_end - t_first, "messages": frames_msgs, "cpu_s": cpu1 - cpu0,
+            "threads": _thread_cpu(thr0, thr1),
             "maxrss_mb": peak_rss_mb()}
 
 
@@ -85,9 +112,11 @@ def timed_source(endpoint: str, rcvhwm: int, marks: dict):
                 if "first" not in marks and isinstance(item.message, FramesMessage):
                     marks["first"] = time.perf_counter()
                     marks["cpu0"] = _cpu()
+                    marks["thr0"] = _threads()
                 elif isinstance(item.message, EndMessage):
                     marks["end"] = time.perf_counter()
                     marks["cpu1"] = _cpu()
+                    marks["thr1"] = _threads()
             return item
 
     return TimedSource(endpoint, "pull", rcvhwm=rcvhwm)
@@ -106,7 +135,7 @@ def receive_daemon(endpoint: str, layout: str) -> dict:
         daemon.run()
         c = daemon.ingest.counters
     return {"frames": c.frames, "bytes": c.bytes, "seconds": marks["end"] - marks["first"], "rejected": c.rejected_total,
-            "cpu_s": marks["cpu1"] - marks["cpu0"],
+            "cpu_s": marks["cpu1"] - marks["cpu0"], "threads": _thread_cpu(marks["thr0"], marks["thr1"]),
             "maxrss_mb": peak_rss_mb()}
 
 
@@ -145,11 +174,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.receive:
         kind, *rest = args.receive
-        result = receive_bare(rest[-1]) if kind == "bare" else receive_daemon(rest[-1], rest[0])
+        result = receive_bare(rest[-1], int(rest[0])) if kind == "bare" else receive_daemon(rest[-1], rest[0])
         print(json.dumps(result))
         return
 
     sim_config = ROOT / "configs" / "sim_bench.toml"
+    from livestereo.daemon.config import DaemonConfig
+
+    rcvhwm = DaemonConfig().rcvhwm
     print(f"livestereo ingest benchmark on {os.cpu_count()} CPU(s), {time.strftime('%Y-%m-%d %H:%M')}\n")
 
     if not args.skip_kernels:
@@ -167,7 +199,7 @@ def main() -> None:
         n_scans = scans if fpm > 1 else max(1, scans // 3)
         runs: dict[str, list[dict]] = {"bare": [], "stereo": [], "multiview": []}
         for _ in range(reps):  # alternate, so slow phases of a shared machine hit every receiver alike
-            runs["bare"].append(run_pair(["bare"], n_scans, fpm, sim_config))
+            runs["bare"].append(run_pair(["bare", str(rcvhwm)], n_scans, fpm, sim_config))
             for layout in ("stereo", "multiview"):
                 runs[layout].append(run_pair(["daemon", layout], n_scans, fpm, sim_config))
         med = {k: sorted(v, key=lambda r: r["frames"] / r["seconds"])[len(v) // 2] for k, v in runs.items()}
@@ -184,6 +216,13 @@ def main() -> None:
         print(f"{fpm:>10} {layout:>10} {bf:>14.0f} {bare['bytes'] / bare['seconds'] / 1e9:>6.2f} {df:>16.0f} "
               f"{d['bytes'] / d['seconds'] / 1e9:>6.2f} {df / bf:>6.2f} {1e6 * bare['cpu_s'] / bare['frames']:>18.1f} "
               f"{1e6 * d['cpu_s'] / d['frames']:>7.1f} {d['maxrss_mb']:>14.0f}")
+    print("\nCPU us/frame by thread (the median runs above):")
+    for fpm, layout, bare, d in rows:
+        for who, r in (("bare", bare), (layout, d)):
+            if who == "bare" and layout != "stereo":
+                continue
+            per = sorted(((v / r["frames"] * 1e6, k.rsplit(":", 1)[0]) for k, v in r["threads"].items()), reverse=True)
+            print(f"{fpm:>10} {who:>10}  " + ", ".join(f"{name} {us:.1f}" for us, name in per if us >= 0.05))
     if reps > 1:
         print("\npaired ratios (each daemon run / the bare run of the same round):")
         for (fpm, layout), rs in paired.items():

@@ -327,13 +327,27 @@ _weighted_sum_jit = numba.njit(nogil=True, cache=True)(_weighted_sum)
 _START, _STOP, _DET, _EXC_LO, _EXC_HI, _WOFF, _PF_LO, _PF_HI = range(8)
 
 
+_TABLES: "weakref.WeakKeyDictionary[PiecePlan, dict[int, tuple[np.ndarray, np.ndarray]]]" = weakref.WeakKeyDictionary()
+_TABLES_LOCK = threading.Lock()
+
+
 def piece_table(plan: PiecePlan, itemsize: int) -> tuple[np.ndarray, np.ndarray]:
     """(table, pf_pix): the plan's integer arrays as one (n_pieces, 8) int64 table (columns
     start, stop, det, exc_lo, exc_hi, woff, pf_lo, pf_hi) and the prefetch pixels, for
-    frames of ``itemsize`` bytes per pixel (one argument instead of eight: cheaper calls)."""
+    frames of ``itemsize`` bytes per pixel (one argument instead of eight: cheaper calls).
+    Built once per plan and itemsize and shared by the plan's Accumulators (the next
+    scan's costs a lookup, not ~0.5 ms); nothing writes them (they stay writeable arrays:
+    read-only ones would be another numba signature to compile)."""
+    with _TABLES_LOCK:
+        per_plan = _TABLES.setdefault(plan, {})
+        hit = per_plan.get(int(itemsize))
+    if hit is not None:
+        return hit
     pf_pix, pf_lo, pf_hi = prefetch_schedule(plan, itemsize)
-    table = np.stack([plan.start, plan.stop, plan.det, plan.exc_lo, plan.exc_hi, plan.woff, pf_lo, pf_hi], axis=1)
-    return np.ascontiguousarray(table, dtype=np.int64), pf_pix
+    table = np.ascontiguousarray(
+        np.stack([plan.start, plan.stop, plan.det, plan.exc_lo, plan.exc_hi, plan.woff, pf_lo, pf_hi], axis=1), dtype=np.int64)
+    with _TABLES_LOCK:
+        return per_plan.setdefault(int(itemsize), (table, pf_pix))
 
 
 @numba.njit(nogil=True, cache=True)
