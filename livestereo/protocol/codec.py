@@ -156,17 +156,26 @@ def decode_frames(header: dict, parts: Sequence[Buffer]) -> FramesMessage:
         dtype, shape = _LE_DTYPES[header["dtype"]], header["shape"]
         ok = (type(run_id) is str and type(seq) is int and type(scan) is int and type(first) is int
               and type(count) is int and type(shape) is list and count >= 1 and first >= 0 and seq >= 0 and scan >= 0
-              and len(parts) == 2 and 1 <= len(shape) <= 2 and all(type(n) is int and n > 0 for n in shape))
+              and len(parts) == 2)
+        if ok:
+            expected = count * dtype.itemsize
+            if len(shape) == 2:
+                ny, nx = shape
+                ok = type(ny) is int and type(nx) is int and ny > 0 and nx > 0
+                expected *= ny * nx
+            elif len(shape) == 1:
+                (nseg,) = shape
+                ok = type(nseg) is int and nseg > 0
+                expected *= nseg
+            else:
+                ok = False
     except (KeyError, TypeError):
         ok = False
     if not ok:
         _diagnose_frames(header, parts)
         raise ProtocolError("bad_field", f"malformed frames header {header!r:.200}")  # pragma: no cover
     payload = parts[1]
-    nbytes = memoryview(payload).nbytes
-    expected = count * dtype.itemsize
-    for n in shape:
-        expected *= n
+    nbytes = payload.nbytes if type(payload) is memoryview else memoryview(payload).nbytes
     if nbytes != expected:
         raise ProtocolError(
             "bad_payload",
