@@ -423,13 +423,13 @@ def test_frames_in_small_chunks(threaded, busy_poll_s):
     assert np.array_equal(frames_of(items), FR)
 
 
-def _reader_pair(busy_poll_s, chunk=1000, idle_s=0.05):
+def _reader_pair(busy_poll_s, chunk=1000, idle_s=0.05, min_bps=0.0):
     import socket
 
     from livestereo.detectors.merlin.source import _Reader
 
     a, b = socket.socketpair()
-    return _Reader(a, chunk, 16, idle_s=idle_s, busy_poll_s=busy_poll_s), a, b
+    return _Reader(a, chunk, 16, idle_s=idle_s, busy_poll_s=busy_poll_s, busy_poll_min_bps=min_bps), a, b
 
 
 @pytest.mark.parametrize("busy_poll_s", [0.0, 0.02])
@@ -462,6 +462,39 @@ def test_reader_fills_a_chunk_from_pieces_and_returns_short_on_a_pause(busy_poll
     finally:
         t.join()
         a.close()
+
+
+def test_reader_busy_polls_only_a_fast_stream():
+    """A chunk that filled slower than busy_poll_min_bps leaves the next one to a blocking
+    read; one that filled fast lets the next one be busy polled; a short one stops it."""
+    r, a, b = _reader_pair(0.01, chunk=4000, min_bps=1e6)
+    try:
+        b.sendall(b"x" * 4000)
+        assert r.fill_one()[2] - 16 == 4000 and r.polled_chunks == 0  # the first chunk: rate unknown
+        assert r.rate_bps > 1e6  # 4000 bytes were waiting: filled at once
+        b.sendall(b"y" * 4000)
+        assert r.fill_one()[2] - 16 == 4000 and r.polled_chunks == 1
+        b.sendall(b"z" * 10)
+        assert r.fill_one()[2] - 16 == 10 and r.polled_chunks == 2 and r.rate_bps == 0.0  # short: the stream paused
+        import threading
+
+        def trickle():  # 1000 bytes every 5 ms: 0.2 MB/s, below the 1 MB/s bound
+            for _ in range(8):
+                b.sendall(b"s" * 1000)
+                time.sleep(0.005)
+
+        t = threading.Thread(target=trickle)
+        t.start()
+        got = 0
+        while got < 8000:
+            item = r.fill_one(timeout_s=1.0)
+            if item is not None:
+                got += item[2] - item[1]
+        t.join()
+        assert r.polled_chunks == 2 and 0 < r.rate_bps < 1e6
+    finally:
+        a.close()
+        b.close()
 
 
 def test_reader_busy_poll_gives_up_after_its_window():

@@ -156,13 +156,16 @@ class _Reader(threading.Thread):
     TCP holds the sender back: nothing is dropped."""
 
     def __init__(self, sock: socket.socket, chunk: int, reserve: int, n_buffers: int = 4, idle_s: float = 0.02,
-                 busy_poll_s: float = 0.0):
+                 busy_poll_s: float = 0.0, busy_poll_min_bps: float = 0.0):
         super().__init__(name="merlin-reader", daemon=True)
         self.sock = sock
         self.chunk = chunk
         self.reserve = reserve
         self.idle_s = idle_s
         self.busy_poll_s = busy_poll_s
+        self.busy_poll_min_bps = busy_poll_min_bps
+        self.rate_bps = 0.0  # how fast the last chunk filled (bytes/s; 0 after a short one)
+        self.polled_chunks = 0  # chunks read by busy polling
         self.ready: queue.Queue = queue.Queue()
         self.free: collections.deque[bytearray] = collections.deque()  # append / popleft are atomic
         self.stop = threading.Event()
@@ -199,11 +202,14 @@ class _Reader(threading.Thread):
         """Receive one chunk: (buffer, start, end); ("eof", None, None) when the peer closed
         the connection; None when nothing came within the timeout (``idle_s``, or less).
 
-        With ``busy_poll_s`` > 0 the chunk is first filled by non-blocking reads, spinning
-        while bytes keep coming and for up to ``busy_poll_s`` after the last ones: a thread
-        that sleeps in recv must be woken when bytes arrive, and on virtual machines a
-        woken (halted) CPU takes long enough to halve the rate the sender can keep up.
-        Then (or with ``busy_poll_s`` = 0) one blocking recv for the rest (MSG_WAITALL)
+        With ``busy_poll_s`` > 0, while the stream runs at ``busy_poll_min_bps`` or faster
+        (the last chunk filled at that rate), the chunk is first filled by non-blocking
+        reads, spinning while bytes keep coming and for up to ``busy_poll_s`` after the
+        last ones: a thread that sleeps in recv must be woken when bytes arrive, and on
+        virtual machines a woken (halted) CPU takes long enough to halve the rate the
+        sender can keep up. A slower stream would keep the spin going between its frames
+        for little gain, so it is read by blocking reads only.
+        Then (or without busy polling) one blocking recv for the rest (MSG_WAITALL)
         with a kernel receive timeout: the caller takes the GIL once per chunk, not once
         per batch of TCP segments, so a busy consumer thread cannot hold the socket back.
         A chunk comes back short, with what did come, when the stream pauses for the
@@ -214,8 +220,10 @@ class _Reader(threading.Thread):
             return None
         mv = memoryview(buf)
         got = 0
+        t0 = time.perf_counter()
         try:
-            if self.busy_poll_s > 0:
+            if self.busy_poll_s > 0 and self.rate_bps >= self.busy_poll_min_bps:
+                self.polled_chunks += 1
                 got = self._poll_into(mv[start:start + chunk])
             if 0 <= got < chunk:
                 t = self.idle_s if timeout_s is None else max(0.0005, min(self.idle_s, timeout_s))
@@ -230,6 +238,7 @@ class _Reader(threading.Thread):
                     pass
         finally:
             mv.release()
+        self.rate_bps = got / max(time.perf_counter() - t0, 1e-9) if got == chunk else 0.0
         if got > 0:
             return buf, start, start + got
         self._spare.append(buf)
@@ -238,7 +247,7 @@ class _Reader(threading.Thread):
     def _poll_into(self, view: memoryview) -> int:
         """Non-blocking reads into ``view`` until it is full or no byte came for
         ``busy_poll_s``: bytes read, or -2 when the peer closed the connection."""
-        recv_into, flag, clock = self.sock.recv_into, socket.MSG_DONTWAIT, time.perf_counter
+        recv_into, flag, clock, yield_ = self.sock.recv_into, socket.MSG_DONTWAIT, time.perf_counter, os.sched_yield
         want = len(view)
         got = 0
         until = clock() + self.busy_poll_s
@@ -248,6 +257,7 @@ class _Reader(threading.Thread):
             except (BlockingIOError, InterruptedError):
                 if clock() > until:
                     break
+                yield_()  # without the GIL: other threads of this process (a simulator) get it
                 continue
             if n == 0:
                 return got or -2
@@ -303,8 +313,10 @@ class MerlinSource:
     consumer for a core (measured slower on 2). busy_poll_s (s): after each chunk, read
     the socket without blocking, spinning while bytes come and for up to this long after
     the last ones, before a blocking read; a reader that sleeps must be woken by the
-    kernel for every burst of bytes, which costs the sender its pace (0: always block;
-    the CPU is spent only while a stream is running).
+    kernel for every burst of bytes, which costs the sender its pace (0: always block).
+    Only while the stream runs at ``busy_poll_min_bps`` (bytes/s) or faster: a slower one
+    (1 GB/s is ~8 k frames/s of 256x256 U16) would keep the spin going between frames for
+    little gain, and an idle connection costs no CPU either way.
 
     U16 / U32 frames go downstream without a copy, as big-endian views of the chunk they
     were received in (the daemon's accumulator reads them in place); a chunk's memory is
@@ -320,7 +332,7 @@ class MerlinSource:
                  hot_pixels: Iterable[tuple[int, int]] = (), mask: np.ndarray | None = None,
                  depth: int | None = None, run_prefix: str = "merlin", max_batch_wait_s: float = 0.05,
                  reconnect: bool = True, recv_chunk_bytes: int = 512 << 10, threaded: bool | None = None,
-                 busy_poll_s: float = 0.001):
+                 busy_poll_s: float = 0.001, busy_poll_min_bps: float = 1e9):
         self.host, self.port = host, int(port)
         self.name = f"Merlin tcp://{host}:{port}"
         self.control_port = control_port
@@ -336,6 +348,7 @@ class MerlinSource:
         self.reconnect = reconnect
         self.recv_chunk_bytes = recv_chunk_bytes
         self.busy_poll_s = max(0.0, float(busy_poll_s))
+        self.busy_poll_min_bps = max(0.0, float(busy_poll_min_bps))
         self.threaded = bool(threaded) if threaded is not None else _usable_cpus() >= 4
         self._reader: _Reader | None = None
         self._reserve = 4 << 20
@@ -382,7 +395,8 @@ class MerlinSource:
         self._stream_offset = 0
         self._geom = None
         self._ever_connected = True
-        self._reader = _Reader(s, self.recv_chunk_bytes, self._reserve, busy_poll_s=self.busy_poll_s)
+        self._reader = _Reader(s, self.recv_chunk_bytes, self._reserve, busy_poll_s=self.busy_poll_s,
+                               busy_poll_min_bps=self.busy_poll_min_bps)
         if self.threaded:
             self._reader.start()
         self._seq_base = 0
