@@ -308,7 +308,8 @@ class MerlinSource:
     thread, between its parsing), in chunks of ``recv_chunk_bytes`` bytes (at least two
     frames). Small chunks keep the detector sending: the socket is drained every few
     frames, so its buffer never fills while a chunk is reduced, and the chunk is still in
-    the cache when it is (512 kB: 1.3x the rate of 2 MB chunks on 2 cores). Default: a
+    the cache when it is (512 kB chunks with busy polling: 1.3x the rate of 2 MB chunks
+    read by blocking reads, on 2 cores). Default: a
     helper thread only with 4 or more usable CPUs; with fewer it competes with the
     consumer for a core (measured slower on 2). busy_poll_s (s): after each chunk, read
     the socket without blocking, spinning while bytes come and for up to this long after
