@@ -247,7 +247,7 @@ class _Reader(threading.Thread):
     def _poll_into(self, view: memoryview) -> int:
         """Non-blocking reads into ``view`` until it is full or no byte came for
         ``busy_poll_s``: bytes read, or -2 when the peer closed the connection."""
-        recv_into, flag, clock, yield_ = self.sock.recv_into, socket.MSG_DONTWAIT, time.perf_counter, os.sched_yield
+        recv_into, flag, clock = self.sock.recv_into, socket.MSG_DONTWAIT, time.perf_counter
         want = len(view)
         got = 0
         until = clock() + self.busy_poll_s
@@ -255,9 +255,10 @@ class _Reader(threading.Thread):
             try:
                 n = recv_into(view[got:], want - got, flag)
             except (BlockingIOError, InterruptedError):
+                # no sched_yield here: it would hand the core to a runnable idle-class
+                # analysis until the next tick (the GIL is free during each recv anyway)
                 if clock() > until:
                     break
-                yield_()  # without the GIL: other threads of this process (a simulator) get it
                 continue
             if n == 0:
                 return got or -2
