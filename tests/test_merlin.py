@@ -3,6 +3,8 @@ livestereo's simulator, the control port, and bad input."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from livestereo.detectors.files import open_file_source
 from livestereo.detectors.merlin import mib
 from livestereo.detectors.merlin.sim import MerlinSimulator, RawTcpServer, frame_message, header_message
-from livestereo.detectors.merlin.source import MerlinControl, MerlinSource
+from livestereo.detectors.merlin.source import MerlinControl, MerlinSource, _Reader
 from livestereo.protocol.messages import EndMessage, FramesMessage, StartMessage
 from tests.source_helpers import collect, errors_of, frames_of
 
@@ -424,10 +426,6 @@ def test_frames_in_small_chunks(threaded, busy_poll_s):
 
 
 def _reader_pair(busy_poll_s, chunk=1000, idle_s=0.05, min_bps=0.0):
-    import socket
-
-    from livestereo.detectors.merlin.source import _Reader
-
     a, b = socket.socketpair()
     return _Reader(a, chunk, 16, idle_s=idle_s, busy_poll_s=busy_poll_s, busy_poll_min_bps=min_bps), a, b
 
@@ -436,8 +434,6 @@ def _reader_pair(busy_poll_s, chunk=1000, idle_s=0.05, min_bps=0.0):
 def test_reader_fills_a_chunk_from_pieces_and_returns_short_on_a_pause(busy_poll_s):
     """Pieces that come within the busy-poll window (or the blocking read's timeout) fill
     one chunk; a pause longer than both hands over what came; then the peer's close."""
-    import threading
-
     r, a, b = _reader_pair(busy_poll_s)
 
     def send():
@@ -476,7 +472,6 @@ def test_reader_busy_polls_only_a_fast_stream():
         assert r.fill_one()[2] - 16 == 4000 and r.polled_chunks == 1
         b.sendall(b"z" * 10)
         assert r.fill_one()[2] - 16 == 10 and r.polled_chunks == 2 and r.rate_bps == 0.0  # short: the stream paused
-        import threading
 
         def trickle():  # 1000 bytes every 5 ms: 0.2 MB/s, below the 1 MB/s bound
             for _ in range(8):
