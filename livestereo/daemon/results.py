@@ -53,7 +53,7 @@ def write_scan(result: ScanImages, path: Path) -> Path:
             if v is not None:
                 f.attrs[k] = v
         f.attrs["start_metadata"] = json.dumps(result.start_metadata, default=str)
-        d = f.create_dataset("images", data=result.images, chunks=True)
+        d = f.create_dataset("images", data=result.images)
         d.attrs["axes"] = "detector, scan_y, scan_x"
         d.attrs["units"] = "counts"
         f.create_dataset("valid", data=result.valid)
