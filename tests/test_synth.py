@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from livestereo.compute.stereo_geometry import disparity_px
-from livestereo.synth import SynthParams, make_batch, make_pair, make_views, normalise_view, render_curves
+from livestereo.synth import SynthParams, line_snr_of_points, make_batch, make_pair, make_views, normalise_view, render_curves
 
 
 def test_make_pair_shapes_and_determinism():
@@ -95,6 +95,26 @@ def test_make_views_arbitrary_directions():
     assert q["views"].shape == (4, 48, 64) and q["masks"].shape == (4, 48, 64)
     assert q["thetas_mrad"].shape == (4, 2)
     assert q["disparity"].shape == (48, 64)
+
+
+def test_line_snr_maps_the_centre_lines_and_leaves_the_views_unchanged():
+    sp = SynthParams(height=64, width=64)
+    plain = make_views(np.random.default_rng(5), K=2, params=sp, dose=50.0)
+    q = make_views(np.random.default_rng(5), K=2, params=sp, dose=50.0, line_snr=True)
+    assert "line_snr" not in plain
+    np.testing.assert_array_equal(q["raw"], plain["raw"])  # no draws from the generator
+    snr = q["line_snr"]
+    assert snr.shape == (2, 64, 64) and snr.dtype == np.float32
+    assert np.all(snr[~q["masks"]] == 0) and np.all(snr[q["masks"]] > 0)
+
+
+def test_line_snr_of_points_by_hand():
+    # amplitude 0.1 (contrast 1 - e^-0.1 = 0.0952), sigma 2 px, 100 counts per px:
+    # 0.0952 * sqrt(100 * 2 * sqrt(pi)) = 0.0952 * 18.83 = 1.792
+    assert line_snr_of_points(np.array([0.1]), np.array([2.0]), 100.0)[0] == pytest.approx(1.792, rel=1e-3)
+    # dark and bright lines of the same |contrast| alike; 4x the dose doubles it
+    a = line_snr_of_points(np.array([-np.log(1.2), np.log(1 / 0.8)]), np.array([1.0, 1.0]), 400.0)
+    assert a[0] == pytest.approx(a[1]) == pytest.approx(2 * line_snr_of_points(np.array([np.log(1.25)]), np.array([1.0]), 100.0)[0])
 
 
 def test_normalise_view_robust():

@@ -156,6 +156,21 @@ def det_counts(pred_mask: np.ndarray, gt: np.ndarray, tol: float = 2.0) -> tuple
     return tp_p, int(sk.sum()), tp_g, int(gt.sum())
 
 
+#: matched-filter SNR per pixel of line length (livestereo.synth.line_snr_of_points): bands
+#: of the recall-by-visibility table
+SNR_BANDS = (0.0, 1.0, 2.0, 3.0, 5.0, np.inf)
+
+
+def recall_by_snr(pred_mask: np.ndarray, gt: np.ndarray, snr: np.ndarray, tol: float = 2.0) -> np.ndarray:
+    """(2, len(SNR_BANDS) - 1): true line pixels found within tol of the predicted skeleton,
+    and all true line pixels, per band of their line SNR."""
+    sk = skeletonize(pred_mask)
+    found = (ndimage.distance_transform_edt(~sk)[gt] <= tol) if sk.any() else np.zeros(int(gt.sum()), bool)
+    band = np.digitize(snr[gt], SNR_BANDS[1:-1])
+    n = len(SNR_BANDS) - 1
+    return np.stack([np.bincount(band[found], minlength=n), np.bincount(band, minlength=n)])
+
+
 def transverse_mask(gt: np.ndarray, u: np.ndarray, min_angle_deg: float = 30.0) -> np.ndarray:
     """Line pixels whose line runs at more than min_angle_deg to the baseline u (x, y):
     disparity is well defined there; lines along the epipolar direction are ambiguous."""
@@ -281,6 +296,7 @@ class Acc:
         self.d3, self.d3_c = [], []
         self.dir, self.dir_c, self.pl, self.pl_c = [], [], [], []
         self.pair_s = []
+        self.snr_recall = np.zeros((2, len(SNR_BANDS) - 1), np.int64)  # only for sets made with line_snr
         self.cov = np.zeros(2, np.int64)  # true 3D points recovered within 5 nm, true 3D points
         self.cov_c = np.zeros(2, np.int64)
 
@@ -321,6 +337,9 @@ def evaluate(pl, pairs, thr_c, acc: Acc, do3d: bool):
         gt0, gtd = q["masks"][0], q["disparity"]
         acc.det += det_counts(r["prob"][0] >= NET_THRESHOLD, gt0)
         acc.det += det_counts(r["prob"][1] >= NET_THRESHOLD, q["masks"][1])
+        if "line_snr" in q:
+            for v in (0, 1):
+                acc.snr_recall += recall_by_snr(r["prob"][v] >= NET_THRESHOLD, q["masks"][v], q["line_snr"][v])
         nv = [normalise_view(v) for v in raw]
         cm = [classical_detect(v, thr_c) for v in nv]
         acc.det_c += det_counts(cm[0], gt0)
@@ -352,6 +371,18 @@ def evaluate(pl, pairs, thr_c, acc: Acc, do3d: bool):
                 acc.cov_c += coverage_3d(lines_c, q["curves"], q["z_focus_nm"], ext)
             except Exception as exc:  # keep the benchmark going; report
                 print(f"  3D extraction failed: {type(exc).__name__}: {exc}")
+
+
+def print_snr_table(rows) -> None:
+    """Network recall of true line pixels (both views) by how visible their line is."""
+    names = [f"[{lo:g}, {hi:g})" if np.isfinite(hi) else f">= {lo:g}" for lo, hi in zip(SNR_BANDS[:-1], SNR_BANDS[1:])]
+    print("\n   recall of true line pixels by line SNR per px of length (matched filter, "
+          "livestereo.synth.line_snr_of_points; a 6 px stretch is visible by the Rose criterion from ~2):")
+    print("   " + f"{'':<12}" + "".join(f"{n:>17}" for n in names))
+    for name, (hit, tot) in rows:
+        cells = [f"{h / t:.2f} ({t / max(tot.sum(), 1):4.0%})" if t else "-" for h, t in zip(hit, tot)]
+        print("   " + f"{name:<12}" + "".join(f"{c:>17}" for c in cells))
+    print("   (in brackets: the band's share of the true line pixels)")
 
 
 def tune_classical(n: int) -> float:
@@ -445,17 +476,20 @@ def main(argv=None) -> int:
 
     print("\n== p = 1 nm, beta = 6 deg, t = 200 nm, focus depth 0.15-0.85 t, random epipolar direction; vs dose (e-/px/view)")
     total = Acc()
+    snr_rows = []
     for i, dose in enumerate((10.0, 30.0, 100.0, 1000.0)):
         acc = Acc()
         pairs = make_set("dose", args.n, SEED0 + 1000 * i, thickness_nm=200.0, scan_step_nm=1.0, beta_mrad=BETA6,
-                         dose=dose, jitter_px=0.0, drift_px=0.0)
+                         dose=dose, jitter_px=0.0, drift_px=0.0, line_snr=True)
         evaluate(pl, pairs, thr_c, acc, do3d)
-        for k in ("det", "det_c", "cov", "cov_c"):
+        snr_rows.append((f"dose {dose:g}", acc.snr_recall))
+        for k in ("det", "det_c", "cov", "cov_c", "snr_recall"):
             setattr(total, k, getattr(total, k) + getattr(acc, k))
         for k in ("epe", "epe_c", "epe_t", "epe_tc", "d3", "d3_c", "dir", "dir_c", "pl", "pl_c", "pair_s"):
             getattr(total, k).extend(getattr(acc, k))
         print(fmt_row(f"dose {dose:g}", acc.summary()))
     print(fmt_row("all doses", total.summary()))
+    print_snr_table(snr_rows + [("all doses", total.snr_recall)])
 
     headline = total.summary()
     print("\n== dose 300, p = 1 nm, t = 200 nm; vs stereo angle")

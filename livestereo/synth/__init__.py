@@ -12,10 +12,13 @@ curve points with E1 and splatting a 2D Gaussian line profile, with signed, per-
   view A (x_A - x_B in px, NaN off the lines).
 - :func:`make_views` renders K views at arbitrary incident angles and returns the 3D curves.
 - :func:`normalise_view` is the robust per-view normalisation the networks expect.
+- :func:`line_snr_of_points` says how visible a line is (matched-filter SNR per pixel of
+  line length); ``make_views(..., line_snr=True)`` maps it along the true centre lines.
 """
 
 from livestereo.synth.generate import (
     SynthParams,
+    line_snr_of_points,
     make_batch,
     make_pair,
     make_views,
@@ -24,4 +27,4 @@ from livestereo.synth.generate import (
 )
 from livestereo.synth.normalise import normalise_view
 
-__all__ = ["SynthParams", "make_batch", "make_pair", "make_views", "normalise_view", "render_curves", "sample_scene"]
+__all__ = ["SynthParams", "line_snr_of_points", "make_batch", "make_pair", "make_views", "normalise_view", "render_curves", "sample_scene"]

@@ -228,8 +228,9 @@ def _splat(img_flat: np.ndarray, x: np.ndarray, y: np.ndarray, w: np.ndarray, H:
         img_flat += np.bincount(np.concatenate(idx), weights=np.concatenate(wts), minlength=H * W)
 
 
-def _render(rng, curves, thetas, s: dict, params: SynthParams, want_disp: bool):
-    """Render K views of ``curves``; returns raw images, centre-line masks and view-0 disparity."""
+def _render(rng, curves, thetas, s: dict, params: SynthParams, want_disp: bool, want_snr: bool = False):
+    """Render K views of ``curves``; returns raw images, centre-line masks, view-0 disparity
+    and (``want_snr``, else None) the line SNR maps of :func:`line_snr_of_points`."""
     H, W = params.height, params.width
     p, zf = s["scan_step_nm"], s["z_focus_nm"]
     K = len(thetas)
@@ -263,6 +264,7 @@ def _render(rng, curves, thetas, s: dict, params: SynthParams, want_disp: bool):
     views = np.empty((K, H, W), np.float32)
     masks = np.zeros((K, H, W), bool)
     disp = None
+    snr = np.zeros((K, H, W), np.float32) if want_snr else None
     osc_fac = 1.0 + m_osc[obj] * np.cos(2 * np.pi * pts[:, 2] / xi_nm[obj] + ph[obj])
     blur = np.sqrt(sig_line**2 + mtf**2 + (0.5 * r_reg * 1e-3 * np.abs(dz) / p) ** 2)
     qlog = math.log(1.25)
@@ -300,6 +302,8 @@ def _render(rng, curves, thetas, s: dict, params: SynthParams, want_disp: bool):
         yi = np.round(y).astype(np.int64)
         ok = (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)
         masks[k].ravel()[yi[ok] * W + xi[ok]] = True
+        if want_snr and ok.any():
+            np.maximum.at(snr[k].ravel(), yi[ok] * W + xi[ok], line_snr_of_points(amp[ok], blur[ok], s["dose"]))
         if k == 0 and want_disp:
             d_pts = s["disp_per_nm"] * dz  # px of disparity along the baseline per point
             idx = yi[ok] * W + xi[ok]
@@ -310,7 +314,21 @@ def _render(rng, curves, thetas, s: dict, params: SynthParams, want_disp: bool):
                 mean = sm / cnt
                 var = s2 / cnt - mean**2
             disp = np.where((cnt > 0) & (var < 0.25), mean, np.nan).astype(np.float32).reshape(H, W)
-    return views, masks, disp
+    return views, masks, disp, snr
+
+
+def line_snr_of_points(amp: np.ndarray, blur_px: np.ndarray, dose: float) -> np.ndarray:
+    """Matched-filter signal-to-noise ratio per pixel of line length (dimensionless).
+
+    A line of amplitude ``amp`` (T = exp(-amp * profile), peak contrast |1 - exp(-amp)|) with
+    a Gaussian profile of sigma ``blur_px`` (px: line width, MTF and region blur together) on
+    a background of ``dose`` counts per pixel (Poisson): c * sqrt(dose * sigma * sqrt(pi)).
+    A straight stretch of L px is then seen at about this times sqrt(L): with the Rose
+    criterion (5), a 6 px stretch needs about 2. Background bands and double images are
+    ignored, so this is a guide to visibility, not a bound.
+    """
+    c = np.abs(1.0 - np.exp(-np.asarray(amp, dtype=np.float64)))
+    return (c * np.sqrt(dose * np.asarray(blur_px, dtype=np.float64) * math.sqrt(math.pi))).astype(np.float32)
 
 
 def _settings(rng: np.random.Generator, params: SynthParams) -> dict:
@@ -358,12 +376,13 @@ def make_pair(rng: np.random.Generator, params: SynthParams | None = None, **fix
     thetas = np.array([off + [-s["beta_mrad"] / 2, 0.0], off + [s["beta_mrad"] / 2, 0.0]])
     s["disp_per_nm"] = 1e-3 * s["beta_mrad"] / s["scan_step_nm"]
     curves = sample_scene(rng, params, s["scan_step_nm"], s["thickness_nm"])
-    raw, masks, disp = _render(rng, curves, thetas, s, params, want_disp=True)
+    raw, masks, disp, _ = _render(rng, curves, thetas, s, params, want_disp=True)
     views = np.stack([normalise_view(v) for v in raw])
     return {"views": views, "raw": raw, "masks": masks, "disparity": disp, "thetas_mrad": thetas, "curves": curves, **s}
 
 
-def make_views(rng: np.random.Generator, K: int = 2, params: SynthParams | None = None, thetas_mrad=None, **fixed) -> dict:
+def make_views(rng: np.random.Generator, K: int = 2, params: SynthParams | None = None, thetas_mrad=None, *,
+               line_snr: bool = False, **fixed) -> dict:
     """K views at arbitrary incident angles (not rectified) with the ground-truth 3D curves.
 
     Args:
@@ -373,6 +392,10 @@ def make_views(rng: np.random.Generator, K: int = 2, params: SynthParams | None 
         thetas_mrad: optional (K, 2) incident angles; default: K angles evenly around a circle
             whose diameter gives the drawn stereo angle between views 0 and K//2, rotated at
             random, so the epipolar direction of views 0, 1 is arbitrary.
+        line_snr: also return "line_snr", (K, H, W) float32: at each centre-line pixel the
+            largest matched-filter SNR per pixel of line length of the lines crossing it
+            (line_snr_of_points), 0 elsewhere. Draws nothing from ``rng``: the same seed
+            gives the same views with or without it.
         **fixed: overrides of drawn settings (as make_pair).
 
     Returns:
@@ -396,9 +419,12 @@ def make_views(rng: np.random.Generator, K: int = 2, params: SynthParams | None 
     base = float(np.hypot(*(thetas[1] - thetas[0])))
     s["disp_per_nm"] = 1e-3 * base / s["scan_step_nm"]
     curves = sample_scene(rng, params, s["scan_step_nm"], s["thickness_nm"])
-    raw, masks, disp = _render(rng, curves, thetas, s, params, want_disp=True)
+    raw, masks, disp, snr = _render(rng, curves, thetas, s, params, want_disp=True, want_snr=line_snr)
     views = np.stack([normalise_view(v) for v in raw])
-    return {"views": views, "raw": raw, "masks": masks, "disparity": disp, "thetas_mrad": thetas, "curves": curves, **s}
+    out = {"views": views, "raw": raw, "masks": masks, "disparity": disp, "thetas_mrad": thetas, "curves": curves, **s}
+    if line_snr:
+        out["line_snr"] = snr
+    return out
 
 
 _CLEAN = {"dose": 1e9, "line_sigma_px": 1.0, "region_radius_mrad": 0.0, "mtf_sigma_px": 0.0, "jitter_px": 0.0,
@@ -416,7 +442,7 @@ def render_curves(rng: np.random.Generator, curves: list[np.ndarray], thetas_mra
     thetas = np.asarray(thetas_mrad, dtype=float)
     s = dict(_CLEAN, **settings, scan_step_nm=float(scan_step_nm), z_focus_nm=float(z_focus_nm))
     s["disp_per_nm"] = 1e-3 * float(np.hypot(*(thetas[1] - thetas[0]))) / s["scan_step_nm"] if len(thetas) > 1 else 0.0
-    raw, masks, disp = _render(rng, [np.asarray(c, float) for c in curves], thetas, s, params, want_disp=len(thetas) > 1)
+    raw, masks, disp, _ = _render(rng, [np.asarray(c, float) for c in curves], thetas, s, params, want_disp=len(thetas) > 1)
     return {"views": np.stack([normalise_view(v) for v in raw]), "raw": raw, "masks": masks, "disparity": disp}
 
 
