@@ -106,6 +106,33 @@ def test_line_snr_maps_the_centre_lines_and_leaves_the_views_unchanged():
     snr = q["line_snr"]
     assert snr.shape == (2, 64, 64) and snr.dtype == np.float32
     assert np.all(snr[~q["masks"]] == 0) and np.all(snr[q["masks"]] > 0)
+    pos = q["line_pos_sigma"]
+    assert pos.shape == (2, 64, 64) and np.all(np.isinf(pos[~q["masks"]]))
+    assert np.all(np.isfinite(pos[q["masks"]]) & (pos[q["masks"]] > 0))
+
+
+def test_line_position_bound_matches_a_maximum_likelihood_fit():
+    """sqrt(2) * sigma / (SNR * sqrt(L)) against the scatter of fitted line positions."""
+    rng = np.random.default_rng(3)
+    amp, sigma, dose, length = 0.2, 2.0, 100.0, 200
+    x = np.arange(-20, 21, dtype=np.float64)
+    snr = line_snr_of_points(np.array([amp]), np.array([sigma]), dose)[0]
+    bound = np.sqrt(2.0) * sigma / (snr * np.sqrt(length))
+
+    def model(x0):
+        return dose * np.exp(-amp * np.exp(-((x - x0) ** 2) / (2 * sigma**2)))
+
+    fits = []
+    for _ in range(300):
+        counts = rng.poisson(model(0.3), size=(length, x.size)).mean(axis=0)  # L rows of the same line
+        x0 = 0.0
+        for _ in range(6):  # Gauss-Newton on the mean profile (Poisson weights ~ 1/dose here)
+            m = model(x0)
+            d = (model(x0 + 1e-4) - model(x0 - 1e-4)) / 2e-4
+            x0 += float(np.sum(d * (counts - m) / m) / np.sum(d * d / m))
+        fits.append(x0)
+    assert np.mean(fits) == pytest.approx(0.3, abs=3 * bound / np.sqrt(300) + 0.01)
+    assert np.std(fits) == pytest.approx(bound, rel=0.15)
 
 
 def test_line_snr_of_points_by_hand():

@@ -171,9 +171,29 @@ def recall_by_snr(pred_mask: np.ndarray, gt: np.ndarray, snr: np.ndarray, tol: f
     return np.stack([np.bincount(band[found], minlength=n), np.bincount(band, minlength=n)])
 
 
+#: stretch of line (px) over which the disparity floor assumes a constant disparity
+FLOOR_LENGTH_PX = 10.0
+
+
 def transverse_mask(gt: np.ndarray, u: np.ndarray, min_angle_deg: float = 30.0) -> np.ndarray:
     """Line pixels whose line runs at more than min_angle_deg to the baseline u (x, y):
     disparity is well defined there; lines along the epipolar direction are ambiguous."""
+    return line_cos_to_baseline(gt, u) < math.cos(math.radians(min_angle_deg))
+
+
+def disparity_floor(pos_sigma: np.ndarray, cos_to_baseline: np.ndarray) -> np.ndarray:
+    """Expected |disparity error| (px) that the counts allow at line pixels: the Cramer-Rao
+    bound on the line's position across it (pos_sigma, from one pixel of its length) in
+    both views (taken equal), from FLOOR_LENGTH_PX of line, projected on the baseline
+    (1 / sin of the angle between line and baseline), as the mean |x| of a Gaussian."""
+    sin = np.sqrt(np.clip(1.0 - cos_to_baseline**2, 1e-6, 1.0))
+    sigma_d = math.sqrt(2.0) * pos_sigma / math.sqrt(FLOOR_LENGTH_PX) / sin
+    return math.sqrt(2.0 / math.pi) * sigma_d
+
+
+def line_cos_to_baseline(gt: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """|cos| of the angle between the local line direction (structure tensor of the mask gt)
+    and the baseline u (x, y), per pixel."""
     g = ndimage.gaussian_filter(gt.astype(np.float64), 1.5)
     gy, gx = np.gradient(g)
     jxx = ndimage.gaussian_filter(gx * gx, 2.0)
@@ -181,8 +201,7 @@ def transverse_mask(gt: np.ndarray, u: np.ndarray, min_angle_deg: float = 30.0) 
     jxy = ndimage.gaussian_filter(gx * gy, 2.0)
     normal = 0.5 * np.arctan2(2 * jxy, jxx - jyy)
     tangent = normal + np.pi / 2
-    c = np.abs(np.cos(tangent) * u[0] + np.sin(tangent) * u[1])
-    return c < math.cos(math.radians(min_angle_deg))
+    return np.abs(np.cos(tangent) * u[0] + np.sin(tangent) * u[1])
 
 
 def prf(c):
@@ -297,6 +316,7 @@ class Acc:
         self.dir, self.dir_c, self.pl, self.pl_c = [], [], [], []
         self.pair_s = []
         self.snr_recall = np.zeros((2, len(SNR_BANDS) - 1), np.int64)  # only for sets made with line_snr
+        self.epe_floor = []  # disparity_floor on transverse line pixels (sets made with line_snr)
         self.cov = np.zeros(2, np.int64)  # true 3D points recovered within 5 nm, true 3D points
         self.cov_c = np.zeros(2, np.int64)
 
@@ -347,8 +367,11 @@ def evaluate(pl, pairs, thr_c, acc: Acc, do3d: bool):
         lm = np.isfinite(gtd)
         acc.epe.append(np.abs(r["disparity"][lm] - gtd[lm]))
         u = (th[1] - th[0]) / np.hypot(*(th[1] - th[0]))
-        lt = lm & transverse_mask(gt0, u)
+        cos_b = line_cos_to_baseline(gt0, u)
+        lt = lm & (cos_b < math.cos(math.radians(30.0)))
         acc.epe_t.append(np.abs(r["disparity"][lt] - gtd[lt]))
+        if "line_pos_sigma" in q:
+            acc.epe_floor.append(disparity_floor(q["line_pos_sigma"][0][lt], cos_b[lt]))
         dzmax = q.get("_dzmax", max(q["z_focus_nm"], t - q["z_focus_nm"]))
         dmax = int(math.ceil(1e-3 * q["beta_mrad"] * dzmax / p)) + 2
         dc = classical_disparity(nv[0], nv[1], valid, th[0], th[1], dmax)
@@ -379,10 +402,19 @@ def print_snr_table(rows) -> None:
     print("\n   recall of true line pixels by line SNR per px of length (matched filter, "
           "livestereo.synth.line_snr_of_points; a 6 px stretch is visible by the Rose criterion from ~2):")
     print("   " + f"{'':<12}" + "".join(f"{n:>17}" for n in names))
-    for name, (hit, tot) in rows:
+    for name, (hit, tot), _, _ in rows:
         cells = [f"{h / t:.2f} ({t / max(tot.sum(), 1):4.0%})" if t else "-" for h, t in zip(hit, tot)]
         print("   " + f"{name:<12}" + "".join(f"{c:>17}" for c in cells))
     print("   (in brackets: the band's share of the true line pixels)")
+    print(f"\n   disparity error on transverse line pixels against the floor the counts allow (Cramer-Rao, "
+          f"disparity constant over {FLOOR_LENGTH_PX:g} px of line; mean with the floor capped at 10 px):")
+    for name, _, measured, floor in rows:
+        e = np.concatenate(measured) if measured else np.zeros(0)
+        e = e[np.isfinite(e)]
+        f = np.concatenate(floor) if floor else np.zeros(0)
+        if e.size and f.size:
+            print(f"   {name:<12} measured mean {e.mean():.2f} / median {np.median(e):.2f} px;  "
+                  f"floor mean {np.minimum(f, 10.0).mean():.2f} / median {np.median(f):.2f} px")
 
 
 def tune_classical(n: int) -> float:
@@ -482,14 +514,14 @@ def main(argv=None) -> int:
         pairs = make_set("dose", args.n, SEED0 + 1000 * i, thickness_nm=200.0, scan_step_nm=1.0, beta_mrad=BETA6,
                          dose=dose, jitter_px=0.0, drift_px=0.0, line_snr=True)
         evaluate(pl, pairs, thr_c, acc, do3d)
-        snr_rows.append((f"dose {dose:g}", acc.snr_recall))
+        snr_rows.append((f"dose {dose:g}", acc.snr_recall, acc.epe_t, acc.epe_floor))
         for k in ("det", "det_c", "cov", "cov_c", "snr_recall"):
             setattr(total, k, getattr(total, k) + getattr(acc, k))
-        for k in ("epe", "epe_c", "epe_t", "epe_tc", "d3", "d3_c", "dir", "dir_c", "pl", "pl_c", "pair_s"):
+        for k in ("epe", "epe_c", "epe_t", "epe_tc", "d3", "d3_c", "dir", "dir_c", "pl", "pl_c", "pair_s", "epe_floor"):
             getattr(total, k).extend(getattr(acc, k))
         print(fmt_row(f"dose {dose:g}", acc.summary()))
     print(fmt_row("all doses", total.summary()))
-    print_snr_table(snr_rows + [("all doses", total.snr_recall)])
+    print_snr_table(snr_rows + [("all doses", total.snr_recall, total.epe_t, total.epe_floor)])
 
     headline = total.summary()
     print("\n== dose 300, p = 1 nm, t = 200 nm; vs stereo angle")

@@ -230,7 +230,8 @@ def _splat(img_flat: np.ndarray, x: np.ndarray, y: np.ndarray, w: np.ndarray, H:
 
 def _render(rng, curves, thetas, s: dict, params: SynthParams, want_disp: bool, want_snr: bool = False):
     """Render K views of ``curves``; returns raw images, centre-line masks, view-0 disparity
-    and (``want_snr``, else None) the line SNR maps of :func:`line_snr_of_points`."""
+    and (``want_snr``, else None) the (K, H, W) maps of line SNR and position bound along the
+    centre lines (make_views' line_snr)."""
     H, W = params.height, params.width
     p, zf = s["scan_step_nm"], s["z_focus_nm"]
     K = len(thetas)
@@ -265,6 +266,7 @@ def _render(rng, curves, thetas, s: dict, params: SynthParams, want_disp: bool, 
     masks = np.zeros((K, H, W), bool)
     disp = None
     snr = np.zeros((K, H, W), np.float32) if want_snr else None
+    pos_sigma = np.full((K, H, W), np.inf, np.float32) if want_snr else None
     osc_fac = 1.0 + m_osc[obj] * np.cos(2 * np.pi * pts[:, 2] / xi_nm[obj] + ph[obj])
     blur = np.sqrt(sig_line**2 + mtf**2 + (0.5 * r_reg * 1e-3 * np.abs(dz) / p) ** 2)
     qlog = math.log(1.25)
@@ -303,7 +305,10 @@ def _render(rng, curves, thetas, s: dict, params: SynthParams, want_disp: bool, 
         ok = (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)
         masks[k].ravel()[yi[ok] * W + xi[ok]] = True
         if want_snr and ok.any():
-            np.maximum.at(snr[k].ravel(), yi[ok] * W + xi[ok], line_snr_of_points(amp[ok], blur[ok], s["dose"]))
+            snr_pts = line_snr_of_points(amp[ok], blur[ok], s["dose"])
+            np.maximum.at(snr[k].ravel(), yi[ok] * W + xi[ok], snr_pts)
+            with np.errstate(divide="ignore"):
+                np.minimum.at(pos_sigma[k].ravel(), yi[ok] * W + xi[ok], (math.sqrt(2.0) * blur[ok] / snr_pts).astype(np.float32))
         if k == 0 and want_disp:
             d_pts = s["disp_per_nm"] * dz  # px of disparity along the baseline per point
             idx = yi[ok] * W + xi[ok]
@@ -314,7 +319,7 @@ def _render(rng, curves, thetas, s: dict, params: SynthParams, want_disp: bool, 
                 mean = sm / cnt
                 var = s2 / cnt - mean**2
             disp = np.where((cnt > 0) & (var < 0.25), mean, np.nan).astype(np.float32).reshape(H, W)
-    return views, masks, disp, snr
+    return views, masks, disp, (snr, pos_sigma) if want_snr else None
 
 
 def line_snr_of_points(amp: np.ndarray, blur_px: np.ndarray, dose: float) -> np.ndarray:
@@ -326,6 +331,10 @@ def line_snr_of_points(amp: np.ndarray, blur_px: np.ndarray, dose: float) -> np.
     A straight stretch of L px is then seen at about this times sqrt(L): with the Rose
     criterion (5), a 6 px stretch needs about 2. Background bands and double images are
     ignored, so this is a guide to visibility, not a bound.
+
+    The same line's position across it can be measured no better than (Cramer-Rao, Fisher
+    information of the Poisson counts at small contrast) sqrt(2) * sigma / SNR px from one
+    pixel of its length, sqrt(2) * sigma / (SNR * sqrt(L)) from a stretch of L px.
     """
     c = np.abs(1.0 - np.exp(-np.asarray(amp, dtype=np.float64)))
     return (c * np.sqrt(dose * np.asarray(blur_px, dtype=np.float64) * math.sqrt(math.pi))).astype(np.float32)
@@ -394,8 +403,10 @@ def make_views(rng: np.random.Generator, K: int = 2, params: SynthParams | None 
             random, so the epipolar direction of views 0, 1 is arbitrary.
         line_snr: also return "line_snr", (K, H, W) float32: at each centre-line pixel the
             largest matched-filter SNR per pixel of line length of the lines crossing it
-            (line_snr_of_points), 0 elsewhere. Draws nothing from ``rng``: the same seed
-            gives the same views with or without it.
+            (line_snr_of_points), 0 elsewhere; and "line_pos_sigma", (K, H, W) float32: the
+            smallest Cramer-Rao bound on the line's position across it from one pixel of
+            its length (sqrt(2) * sigma / SNR, px), inf elsewhere. Draws nothing from
+            ``rng``: the same seed gives the same views with or without them.
         **fixed: overrides of drawn settings (as make_pair).
 
     Returns:
@@ -423,7 +434,7 @@ def make_views(rng: np.random.Generator, K: int = 2, params: SynthParams | None 
     views = np.stack([normalise_view(v) for v in raw])
     out = {"views": views, "raw": raw, "masks": masks, "disparity": disp, "thetas_mrad": thetas, "curves": curves, **s}
     if line_snr:
-        out["line_snr"] = snr
+        out["line_snr"], out["line_pos_sigma"] = snr
     return out
 
 
