@@ -23,7 +23,11 @@ classical baseline in the same run:
   favour a method that reconstructs only the easiest lines), and line-direction /
   habit-plane angle errors (PCA axis / plane normal of each line vs its true curve);
 - seconds per 256x256 pair (detection of both views + stereo) on 1 and 2 threads;
-- tables of accuracy versus dose and versus stereo angle.
+- tables of accuracy versus dose and versus stereo angle;
+- for the dose sets: the recall of true line pixels by how visible their line is
+  (livestereo.synth.line_snr_of_points), and the disparity error on transverse line pixels
+  against the floor the photon counts allow (Cramer-Rao bound of the line position in both
+  views, disparity constant over FLOOR_LENGTH_PX of line).
 
 ``--refine-lines`` post-processes the network's disparity along the detected lines of view 0
 (livestereo.compute.line_disparity.refine_line_disparity) before every figure that uses it
