@@ -145,19 +145,21 @@ def classical_disparity(va, vb, valid, tha, thb, dmax):
 
 
 # ------------------------------------------------------------------------- metrics
-def det_counts(pred_mask: np.ndarray, gt: np.ndarray, tol: float = 2.0) -> tuple[int, int, int, int]:
-    """(pred px within tol of gt, pred px, gt px within tol of pred, gt px) on skeletons."""
+def match_skeleton(pred_mask: np.ndarray, gt: np.ndarray, tol: float = 2.0) -> tuple[int, int, np.ndarray]:
+    """(pred skeleton px within tol of gt, pred skeleton px, per gt px (in gt[gt] order)
+    whether the skeleton passes within tol)."""
     sk = skeletonize(pred_mask)
     if not gt.any():
-        return 0, int(sk.sum()), 0, 0
-    dg = ndimage.distance_transform_edt(~gt)
-    tp_p = int((dg[sk] <= tol).sum())
-    if sk.any():
-        dp = ndimage.distance_transform_edt(~sk)
-        tp_g = int((dp[gt] <= tol).sum())
-    else:
-        tp_g = 0
-    return tp_p, int(sk.sum()), tp_g, int(gt.sum())
+        return 0, int(sk.sum()), np.zeros(0, bool)
+    tp_p = int((ndimage.distance_transform_edt(~gt)[sk] <= tol).sum())
+    found = (ndimage.distance_transform_edt(~sk)[gt] <= tol) if sk.any() else np.zeros(int(gt.sum()), bool)
+    return tp_p, int(sk.sum()), found
+
+
+def det_counts(pred_mask: np.ndarray, gt: np.ndarray, tol: float = 2.0) -> tuple[int, int, int, int]:
+    """(pred px within tol of gt, pred px, gt px within tol of pred, gt px) on skeletons."""
+    tp_p, n_p, found = match_skeleton(pred_mask, gt, tol)
+    return tp_p, n_p, int(found.sum()), int(found.size)
 
 
 #: matched-filter SNR per pixel of line length (livestereo.synth.line_snr_of_points): bands
@@ -165,12 +167,10 @@ def det_counts(pred_mask: np.ndarray, gt: np.ndarray, tol: float = 2.0) -> tuple
 SNR_BANDS = (0.0, 1.0, 2.0, 3.0, 5.0, np.inf)
 
 
-def recall_by_snr(pred_mask: np.ndarray, gt: np.ndarray, snr: np.ndarray, tol: float = 2.0) -> np.ndarray:
-    """(2, len(SNR_BANDS) - 1): true line pixels found within tol of the predicted skeleton,
-    and all true line pixels, per band of their line SNR."""
-    sk = skeletonize(pred_mask)
-    found = (ndimage.distance_transform_edt(~sk)[gt] <= tol) if sk.any() else np.zeros(int(gt.sum()), bool)
-    band = np.digitize(snr[gt], SNR_BANDS[1:-1])
+def recall_by_snr(found: np.ndarray, snr: np.ndarray) -> np.ndarray:
+    """(2, len(SNR_BANDS) - 1): true line pixels found (match_skeleton's ``found``) and all
+    true line pixels, per band of their line SNR (``snr`` at the same pixels)."""
+    band = np.digitize(snr, SNR_BANDS[1:-1])
     n = len(SNR_BANDS) - 1
     return np.stack([np.bincount(band[found], minlength=n), np.bincount(band, minlength=n)])
 
@@ -359,11 +359,11 @@ def evaluate(pl, pairs, thr_c, acc: Acc, do3d: bool):
         r = run_pipeline(pl, raw, valid, th, p, t)
         acc.pair_s.append(time.perf_counter() - t0)
         gt0, gtd = q["masks"][0], q["disparity"]
-        acc.det += det_counts(r["prob"][0] >= NET_THRESHOLD, gt0)
-        acc.det += det_counts(r["prob"][1] >= NET_THRESHOLD, q["masks"][1])
-        if "line_snr" in q:
-            for v in (0, 1):
-                acc.snr_recall += recall_by_snr(r["prob"][v] >= NET_THRESHOLD, q["masks"][v], q["line_snr"][v])
+        for v in (0, 1):
+            tp_p, n_p, found = match_skeleton(r["prob"][v] >= NET_THRESHOLD, q["masks"][v])
+            acc.det += (tp_p, n_p, int(found.sum()), found.size)
+            if "line_snr" in q:
+                acc.snr_recall += recall_by_snr(found, q["line_snr"][v][q["masks"][v]])
         nv = [normalise_view(v) for v in raw]
         cm = [classical_detect(v, thr_c) for v in nv]
         acc.det_c += det_counts(cm[0], gt0)
