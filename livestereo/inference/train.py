@@ -25,6 +25,7 @@ from tqdm import tqdm
 from livestereo.inference.stereo_net import StereoNet
 from livestereo.inference.unet import UNet
 from livestereo.inference.weights import DEFAULT_DETECTOR, build_model, save_weights
+from livestereo.inference.widen import WIDENABLE, load_init
 from livestereo.synth import SynthParams, make_pair
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ class _Common(BaseModel):
                                       "weights; the cosine decay then follows whichever of steps or time runs "
                                       "out first (so the run is no longer bit-reproducible)")
     init_weights: str | None = Field(None, description="start from these weights (a fine-tuning phase); the "
-                                     "architecture keys must match")
+                                     "architecture keys must match, except that a wider network (detector "
+                                     "base_channels, stereo vol_ch / refine_ch) is widened from them "
+                                     "(livestereo.inference.widen)")
 
     @field_validator("synth")
     @classmethod
@@ -236,9 +239,13 @@ def _run(kind: str, cfg: _Common, model: torch.nn.Module, arch: dict, make_batch
         torch.set_num_threads(cfg.threads)
     dev = _device()
     if cfg.init_weights and not (resume and Path(cfg.checkpoint).is_file()):
-        init, _ = build_model(cfg.init_weights, kind)
-        model.load_state_dict(init.state_dict())
-        log.info("%s: initialised from %s", kind, cfg.init_weights)
+        init, blob = build_model(cfg.init_weights, kind)
+        if load_init(model, arch, init, blob.get("arch", {}), kind):
+            log.info("%s: initialised from %s, widened %s -> %s (the same function; new channels learn from "
+                     "zero outgoing weights)", kind, cfg.init_weights,
+                     {k: blob["arch"].get(k) for k in WIDENABLE[kind]}, {k: arch.get(k) for k in WIDENABLE[kind]})
+        else:
+            log.info("%s: initialised from %s", kind, cfg.init_weights)
     model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     clock = {"t0": time.perf_counter()}
