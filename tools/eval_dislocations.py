@@ -488,6 +488,8 @@ def main(argv=None) -> int:
                     help="refine the disparity along detected lines (livestereo.compute.line_disparity)")
     ap.add_argument("--detector-precision", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="dtype of the detection UNet (auto: bfloat16 where the CPU has it natively)")
+    ap.add_argument("--volume-precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="dtype of the stereo network's cost-volume branch (auto: as above)")
     args = ap.parse_args(argv)
     import torch
 
@@ -501,8 +503,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     t_start = time.perf_counter()
     pl = DislocationPipeline.load(args.detector, args.stereo, device="cpu", refine_iters=args.refine_iters,
-                                  detector_precision=args.detector_precision)
-    print(f"detection UNet in {str(pl.detector_dtype).removeprefix('torch.')}")
+                                  detector_precision=args.detector_precision,
+                                  volume_precision=args.volume_precision)
+    print(f"detection UNet in {str(pl.detector_dtype).removeprefix('torch.')}, "
+          f"stereo cost-volume branch in {str(pl.volume_dtype).removeprefix('torch.')}")
     thr_c = tune_classical(max(4, args.n // 2))
     print(f"classical ridge threshold (tuned on held-out tuning pairs): {thr_c}")
     print("figures: network (classical baseline in brackets)")

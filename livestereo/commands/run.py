@@ -108,6 +108,7 @@ def make_analyses(cfg) -> list:
     return [DislocationAnalysis(cfg.output_dir, thickness_nm=cfg.thickness_nm, material=cfg.material,
                                 threads=cfg.inference_threads, detector_weights=cfg.detector_weights,
                                 stereo_weights=cfg.stereo_weights, detector_precision=cfg.detector_precision,
+                                volume_precision=cfg.volume_precision,
                                 track_max_distance_nm=cfg.track_max_distance_nm,
                                 track_z_weight=cfg.track_z_weight, track_clock=cfg.track_clock,
                                 min_interval_s=cfg.inference_interval_s)]

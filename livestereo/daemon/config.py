@@ -127,6 +127,12 @@ class DaemonConfig(BaseModel):
     bfloat16 natively (AMX or AVX512-BF16: ~2.5x faster, same detections within the
     benchmark's noise), else in float32."""
 
+    volume_precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Arithmetic of the stereo network's cost-volume branch (its half- and quarter-resolution
+    features and the 3D regulariser, half its time): "auto" runs it in bfloat16 on a CPU that
+    does bfloat16 natively (same disparities within the benchmark's noise), else in float32;
+    the full-resolution features and the sub-pixel refinement stay float32."""
+
     thickness_nm: float | None = Field(default=None, gt=0)
     """Foil thickness (nm) when the start message's metadata does not give it."""
 

@@ -90,7 +90,8 @@ class DislocationAnalysis:
             / ``material`` (and ``zone_axis``, ``g``, ``g_angle_deg`` for the orientation).
         threads: torch threads (``torch.set_num_threads``), keep a core for ingest.
         detector_weights, stereo_weights: weight files (None: the shipped ones).
-        detector_precision: "auto" | "float32" | "bfloat16" (DislocationPipeline.load).
+        detector_precision, volume_precision: "auto" | "float32" | "bfloat16"
+            (DislocationPipeline.load).
         pipeline: an already built pipeline (tests); None: loaded once in :meth:`prepare`.
         min_rows: snapshots with fewer filled rows are not analysed.
         min_interval_s: least time between two live analyses (the daemon's worker honours it).
@@ -102,7 +103,7 @@ class DislocationAnalysis:
                  threads: int = 1, detector_weights: Path | None = None, stereo_weights: Path | None = None,
                  track_max_distance_nm: float = 15.0, track_z_weight: float = 0.5, track_clock: str = "auto",
                  line_params=None, pipeline=None, min_rows: int = 8, min_interval_s: float = 0.0,
-                 detector_precision: str = "auto"):
+                 detector_precision: str = "auto", volume_precision: str = "auto"):
         self.output_dir = Path(output_dir)
         self.thickness_nm = thickness_nm
         self.material = material
@@ -110,6 +111,7 @@ class DislocationAnalysis:
         self.detector_weights = detector_weights
         self.stereo_weights = stereo_weights
         self.detector_precision = detector_precision
+        self.volume_precision = volume_precision
         self.track_kw = {"max_distance_nm": track_max_distance_nm, "z_weight": track_z_weight}
         self.track_clock = track_clock
         self.line_params = line_params
@@ -145,11 +147,13 @@ class DislocationAnalysis:
                 from livestereo.inference.pipeline import DislocationPipeline
 
                 self.pipeline = DislocationPipeline.load(self.detector_weights, self.stereo_weights,
-                                                         detector_precision=self.detector_precision)
+                                                         detector_precision=self.detector_precision,
+                                                         volume_precision=self.volume_precision)
                 warm_kernels()  # the tracker's, so the first tracked scan does not compile them
-                log.info("dislocation networks loaded (%s, %s; detector in %s; %d torch thread(s))",
-                         self.pipeline.info.get("detector"), self.pipeline.info.get("stereo"),
-                         str(self.pipeline.detector_dtype).removeprefix("torch."), self.threads)
+                log.info("dislocation networks loaded (%s, %s; detector in %s, cost volume in %s; %d torch "
+                         "thread(s))", self.pipeline.info.get("detector"), self.pipeline.info.get("stereo"),
+                         str(self.pipeline.detector_dtype).removeprefix("torch."),
+                         str(self.pipeline.volume_dtype).removeprefix("torch."), self.threads)
             except Exception as exc:  # missing / broken weights, no torch: acquisition goes on
                 self.error = f"{type(exc).__name__}: {exc}"
                 log.error("dislocation inference disabled: %s (acquisition and per-scan HDF5 results continue)", self.error)

@@ -138,9 +138,12 @@ class StereoNet(nn.Module):
         B = a.shape[0]
         x = torch.cat([a, b], dim=0)
         f1 = self.f1(x)
-        f4 = self.f4(self.f2(f1))
+        # the cost-volume branch (f2, f4, reg) may run in a lower precision (DislocationPipeline)
+        f4 = self.f4(self.f2(f1.to(self.f4[-1].weight.dtype))).to(f1.dtype)
         fa1, fb1 = f1[:B], f1[B:]
-        vol = self.reg(self._volume(f4[:B], f4[B:])).squeeze(1)  # (B, 2D+1, H/4, W/4)
+        cost = self._volume(f4[:B], f4[B:])
+        # the regulariser may run in a lower precision than the rest (DislocationPipeline)
+        vol = self.reg(cost.to(self.reg[-1].weight.dtype)).to(cost.dtype).squeeze(1)  # (B, 2D+1, H/4, W/4)
         prob = torch.softmax(vol, dim=1)
         dvals = torch.arange(-self.max_disp_q, self.max_disp_q + 1, device=a.device, dtype=a.dtype).view(1, -1, 1, 1)
         dq = (prob * dvals).sum(1, keepdim=True)
