@@ -281,14 +281,14 @@ def test_detector_precision_choice(monkeypatch):
     from livestereo.inference import pipeline as pm
 
     cpu = torch.device("cpu")
-    assert pm.detector_dtype("float32", cpu) == torch.float32
-    assert pm.detector_dtype("bfloat16", cpu) == torch.bfloat16
+    assert pm.precision_dtype("float32", cpu) == torch.float32
+    assert pm.precision_dtype("bfloat16", cpu) == torch.bfloat16
     monkeypatch.setattr(pm, "cpu_has_bfloat16", lambda: False)
-    assert pm.detector_dtype("auto", cpu) == torch.float32
+    assert pm.precision_dtype("auto", cpu) == torch.float32
     monkeypatch.setattr(pm, "cpu_has_bfloat16", lambda: True)
-    assert pm.detector_dtype("auto", cpu) == torch.bfloat16
+    assert pm.precision_dtype("auto", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="detector precision"):
-        pm.detector_dtype("half", cpu)
+        pm.precision_dtype("half", cpu)
 
 
 def test_bfloat16_detector_finds_the_float32_lines():

@@ -51,7 +51,7 @@ def cpu_has_bfloat16() -> bool:
         return False
 
 
-def detector_dtype(precision: str, device: torch.device, what: str = "detector") -> torch.dtype:
+def precision_dtype(precision: str, device: torch.device, what: str = "detector") -> torch.dtype:
     """The dtype a network part (``what``: the detection UNet, or the stereo network's
     cost-volume branch) runs in for ``precision`` (one of PRECISIONS) on ``device``."""
     if precision not in PRECISIONS:
@@ -111,12 +111,12 @@ class DislocationPipeline:
         self.stereo = fuse_batchnorm(stereo.eval()) if stereo is not None else None
         self.device = device
         self.info = info or {}
-        self.detector_dtype = detector_dtype(detector_precision, device)
+        self.detector_dtype = precision_dtype(detector_precision, device)
         """torch dtype the detection UNet runs in (float32, or bfloat16 where the CPU has it)."""
         self.detector.to(self.detector_dtype)
         if device.type == "cpu":
             self.detector.to(memory_format=torch.channels_last)
-        self.volume_dtype = detector_dtype(volume_precision, device, "volume")
+        self.volume_dtype = precision_dtype(volume_precision, device, "volume")
         """torch dtype of the stereo network's cost-volume branch: its half- and quarter-resolution
         features and 3D regulariser (the full-resolution features and refinement are float32)."""
         if self.stereo is not None:

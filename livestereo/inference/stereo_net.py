@@ -138,11 +138,11 @@ class StereoNet(nn.Module):
         B = a.shape[0]
         x = torch.cat([a, b], dim=0)
         f1 = self.f1(x)
-        # the cost-volume branch (f2, f4, reg) may run in a lower precision (DislocationPipeline)
+        # the cost-volume branch (f2, f4, reg) may hold lower-precision weights (DislocationPipeline);
+        # the correlations themselves stay in the inputs' precision
         f4 = self.f4(self.f2(f1.to(self.f4[-1].weight.dtype))).to(f1.dtype)
         fa1, fb1 = f1[:B], f1[B:]
         cost = self._volume(f4[:B], f4[B:])
-        # the regulariser may run in a lower precision than the rest (DislocationPipeline)
         vol = self.reg(cost.to(self.reg[-1].weight.dtype)).to(cost.dtype).squeeze(1)  # (B, 2D+1, H/4, W/4)
         prob = torch.softmax(vol, dim=1)
         dvals = torch.arange(-self.max_disp_q, self.max_disp_q + 1, device=a.device, dtype=a.dtype).view(1, -1, 1, 1)

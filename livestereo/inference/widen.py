@@ -57,19 +57,17 @@ def _check(kind: str, old: dict[str, Any], new: dict[str, Any]) -> None:
                          f"widenable: {', '.join(WIDENABLE.get(kind, ())) or 'nothing'})")
 
 
-def _embed(new: torch.Tensor, old: torch.Tensor, out_idx: list[int] | None, in_idx: list[int] | None,
-           zero_new_inputs: bool) -> None:
-    """Copy ``old`` into ``new`` at rows ``out_idx`` (dim 0) and columns ``in_idx`` (dim 1);
-    with ``zero_new_inputs`` the other columns of those rows become zero."""
+def _embed(new: torch.Tensor, old: torch.Tensor, in_idx: list[int] | None) -> None:
+    """Copy ``old`` into the first rows (dim 0) of ``new``, at the columns ``in_idx`` (dim 1;
+    None: the first ones); the other columns of those rows become zero."""
+    n = old.shape[0]
     with torch.no_grad():
-        rows = torch.arange(old.shape[0]) if out_idx is None else torch.as_tensor(out_idx)
         if old.dim() == 1:
-            new[rows] = old
+            new[:n] = old
             return
         cols = torch.arange(old.shape[1]) if in_idx is None else torch.as_tensor(in_idx)
-        if zero_new_inputs:
-            new[rows] = 0
-        new[rows[:, None], cols[None, :]] = old
+        new[:n] = 0
+        new[:n, cols] = old
 
 
 def _copy_bn(new: nn.Module, old: nn.Module) -> None:
@@ -82,9 +80,9 @@ def _copy_bn(new: nn.Module, old: nn.Module) -> None:
 
 def _conv(new: nn.Module, old: nn.Module, in_idx: list[int] | None) -> None:
     """Old filters into the first rows; their weights from new input channels zero."""
-    _embed(new.weight, old.weight, list(range(old.weight.shape[0])), in_idx, zero_new_inputs=True)
+    _embed(new.weight, old.weight, in_idx)
     if old.bias is not None:
-        _embed(new.bias, old.bias, list(range(old.bias.shape[0])), None, zero_new_inputs=False)
+        _embed(new.bias, old.bias, None)
 
 
 def _block(new: nn.Sequential, old: nn.Sequential, in_idx: list[int] | None) -> list[int]:
