@@ -87,7 +87,7 @@ def test_training_starts_a_wider_net_from_narrow_weights(tmp_path):
                                                 out=str(tmp_path / "b.pt"), **common), progress=False)
     # training mode: batch-norm uses batch statistics, which the old channels share exactly
     np.testing.assert_allclose(r_wide["history"][0], r_narrow["history"][0], rtol=1e-5)
-    wide, blob = build_model(tmp_path / "b.pt", "detector")
+    _, blob = build_model(tmp_path / "b.pt", "detector")
     assert blob["arch"]["base"] == 6
 
 

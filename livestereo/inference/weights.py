@@ -19,7 +19,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_DETECTOR = WEIGHTS_DIR / "detector.pt"
 DEFAULT_STEREO = WEIGHTS_DIR / "stereo.pt"
 FORMAT = "livestereo-weights-1"
-_BUILDERS = {"detector": UNet, "stereo": StereoNet}
+#: the network class of each kind of weights file
+BUILDERS = {"detector": UNet, "stereo": StereoNet}
 
 
 class WeightsError(RuntimeError):
@@ -68,7 +69,7 @@ def build_model(path: str | Path, kind: str, device: str | torch.device | None =
     """The network of ``kind`` ("detector" | "stereo") with the weights of ``path``, in eval mode."""
     blob = read_weights(path, kind)
     try:
-        model = _BUILDERS[kind](**blob.get("arch", {}))
+        model = BUILDERS[kind](**blob.get("arch", {}))
         model.load_state_dict(blob["state_dict"], strict=True)
     except (TypeError, RuntimeError, KeyError) as exc:
         raise WeightsError(f"{path}: weights do not fit the {kind} network ({str(exc).splitlines()[0]})") from None

@@ -22,12 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from livestereo.inference.stereo_net import StereoNet
-from livestereo.inference.unet import UNet
+from livestereo.inference.weights import BUILDERS
 
 #: architecture keys that may grow, per kind; every other key must match exactly
 WIDENABLE = {"detector": ("base",), "stereo": ("vol_ch", "refine_ch")}
-_BUILDERS = {"detector": UNet, "stereo": StereoNet}
 #: keys that change no parameter shape (free to differ)
 _SHAPE_FREE = {"stereo": ("refine_iters", "use_prob")}
 
@@ -38,7 +36,7 @@ class WidenError(ValueError):
 
 def _full_arch(kind: str, arch: dict[str, Any]) -> dict[str, Any]:
     """``arch`` with the constructor's defaults for the keys it leaves out."""
-    sig = inspect.signature(_BUILDERS[kind])
+    sig = inspect.signature(BUILDERS[kind])
     return {**{k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}, **arch}
 
 
