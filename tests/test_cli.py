@@ -76,3 +76,42 @@ def test_parser_builds_without_heavy_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split()
     assert out == ["False", "False", "False"], out
     assert build_parser() is not None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--thickness-nm", "-5", "--dose", "10"], "--thickness-nm must be a positive number, got -5"),
+        (["--thickness-nm", "100", "--dose", "0"], "--dose must be a positive number, got 0"),
+        (["--thickness-nm", "100", "--dose", "5", "--k", "1", "3"], "--k: each must be >= 2"),
+    ],
+)
+def test_layout_bad_values_name_the_option(capsys, argv, message):
+    assert main(["layout", "--alpha-mrad", "30", "--scan-step-nm", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_replay_of_an_unknown_file_format_says_so(tmp_path, capsys):
+    f = tmp_path / "notes.lsrec"
+    f.write_bytes(b"abc\n")
+    assert main(["replay", str(f), "--speed", "max"]) == 2
+    assert "unknown file format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["simulate", "--set", "repeat=1"], ["replay", "REC"]])
+def test_a_malformed_endpoint_is_named(tmp_path, capsys, command):
+    if command[-1] == "REC":
+        rec = tmp_path / "r.lsrec"
+        assert main(["simulate", "--set", "repeat=1", "--set", "scan_shape=[4, 4]", "--record", str(rec)]) == 0
+        capsys.readouterr()
+        command = ["replay", str(rec)]
+    assert main([*command, "--endpoint", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot bind" in err and "nonsense" in err and "Traceback" not in err
+
+
+def test_run_refuses_an_unknown_material_at_start(capsys):
+    assert main(["run", "--material", "unobtainium", "--max-runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown material 'unobtainium'" in err and "gamma-TiAl" in err

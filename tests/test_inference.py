@@ -258,6 +258,55 @@ def test_shipped_configs_parse():
     load_toml(root / "configs/train_stereo.toml", StereoTrainConfig)
 
 
+def test_gpu_configs_continue_the_shipped_weights():
+    """The GPU fine-tuning configs, as they are, fit the shipped (widened) networks."""
+    from pathlib import Path
+
+    from livestereo.config import load_toml
+    from livestereo.inference.train import _preflight
+
+    root = Path(__file__).resolve().parents[1]
+    det = load_toml(root / "configs/train_detector_gpu.toml", DetectorTrainConfig)
+    _preflight("detector", det, {"in_ch": 1, "base": det.base_channels, "levels": det.levels}, resume=False)
+    st = load_toml(root / "configs/train_stereo_gpu.toml", StereoTrainConfig)
+    arch = {"in_ch": 2, **{k: getattr(st, k) for k in ("feat", "max_disp_q", "groups", "vol_ch", "refine_ch", "radius")}}
+    _preflight("stereo", st, arch, resume=False)
+
+
+@pytest.mark.parametrize(
+    ("model", "sets", "message"),
+    [
+        ("detector", ["init_weights=\"nope.pt\""], "init_weights: nope.pt: detector weights file not found"),
+        ("detector", ["base_channels=12"], "base_channels = 12 cannot start from init_weights .*base_channels = 16"),
+        ("stereo", ["feat=8"], "feat = 8 cannot start from init_weights .*feat must match.*set feat = 16"),
+        ("stereo", ["detector=\"nope.pt\""], "detector: nope.pt: detector weights file not found"),
+        ("detector", ["synth.dose=[5]"], r"synth.dose: expected a range \[low, high\]"),
+        ("detector", ["synth.dose=[300, 3]"], r"synth.dose: expected a range"),
+        ("detector", ["synth.p_double=3"], "synth.p_double: a probability"),
+        ("detector", ["synth.materials=[\"Zr\"]"], "synth.materials: expected a list of names"),
+        ("detector", ["synth.height=64"], "synth.height: set by the training config's size"),
+    ],
+)
+def test_train_command_bad_config_is_named_before_training(tmp_path, capsys, model, sets, message):
+    """Bad weights files, architectures and synth values stop ``livestereo train`` at once
+    with a message naming the config key (no traceback, nothing written)."""
+    import re
+    from pathlib import Path
+
+    from livestereo.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    argv = ["train", model, "--config", str(root / f"configs/train_{model}_gpu.toml"), "--no-progress",
+            "--out", str(tmp_path / "w.pt"), "--checkpoint", str(tmp_path / "w.ckpt"), "--set", "workers=0"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "bad config" in err and re.search(message, err), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "w.pt").exists() and not (tmp_path / "w.ckpt").exists()
+
+
 def test_train_command_registered():
     from livestereo.cli import build_parser
 

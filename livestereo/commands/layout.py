@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 NAME = "layout"
@@ -30,6 +31,11 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contrast", type=float, default=0.2, help="line contrast (fraction of the background)")
 
 
+#: propose_layout's argument names -> the options that set them (for error messages)
+_FLAGS = {"alpha_mrad": "--alpha-mrad", "thickness_nm": "--thickness-nm", "scan_step_nm": "--scan-step-nm",
+          "dose_e_per_A2": "--dose", "line_width_nm": "--line-width-nm", "contrast": "--contrast", "k_values": "--k"}
+
+
 def run(args) -> int:
     from livestereo.compute.advisor import format_proposal, propose_layout
 
@@ -42,9 +48,16 @@ def run(args) -> int:
         alpha = alpha or cal.convergence_semiangle_mrad
         step = step or cal.scan_step_nm
     if alpha is None or step is None:
-        print("livestereo layout: give --alpha-mrad and --scan-step-nm, or --calibration")
+        print("livestereo layout: give --alpha-mrad and --scan-step-nm, or --calibration", file=sys.stderr)
         return 2
-    proposal = propose_layout(alpha, args.thickness_nm, step, args.dose, k_values=tuple(args.k),
-                              line_width_nm=args.line_width_nm, contrast=args.contrast)
+    try:
+        proposal = propose_layout(alpha, args.thickness_nm, step, args.dose, k_values=tuple(args.k),
+                                  line_width_nm=args.line_width_nm, contrast=args.contrast)
+    except ValueError as exc:
+        message = str(exc)
+        for name, flag in _FLAGS.items():
+            message = message.replace(name, flag)
+        print(f"livestereo layout: {message}", file=sys.stderr)
+        return 2
     print(format_proposal(proposal))
     return 0

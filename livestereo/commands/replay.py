@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -38,12 +39,18 @@ def run(args) -> int:
     from livestereo.daemon.sources import is_recording
 
     if not args.file.exists():
-        print(f"livestereo replay: {args.file}: no such file")
+        print(f"livestereo replay: {args.file}: no such file", file=sys.stderr)
         return 2
     if is_recording(args.file):
         from livestereo.transport.replay import replay
 
-        stats = replay(args.file, args.endpoint, speed=args.speed, pattern=args.pattern)
+        import zmq
+
+        try:
+            stats = replay(args.file, args.endpoint, speed=args.speed, pattern=args.pattern)
+        except (ValueError, zmq.ZMQError) as exc:  # a malformed endpoint or an address in use
+            print(f"livestereo replay: {exc}", file=sys.stderr)
+            return 2
         print(stats)
         return 0
     from livestereo.daemon.sources import open_source_url
@@ -55,8 +62,18 @@ def run(args) -> int:
         from livestereo.protocol.messages import Calibration
 
         calibration = load_toml(args.calibration, Calibration)
-    source = open_source_url(str(args.file), calibration=calibration, scan_shape=tuple(args.scan_shape) if args.scan_shape else None)
-    sender = StreamSender(args.endpoint, args.pattern)
+    try:
+        source = open_source_url(str(args.file), calibration=calibration,
+                                 scan_shape=tuple(args.scan_shape) if args.scan_shape else None)
+    except ValueError as exc:
+        print(f"livestereo replay: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sender = StreamSender(args.endpoint, args.pattern)
+    except ValueError as exc:
+        source.close()
+        print(f"livestereo replay: {exc}", file=sys.stderr)
+        return 2
     print(f"streaming {source.name} on {sender.endpoint}", flush=True)
     sent = errors = 0
     t0 = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -104,7 +105,11 @@ def run(args) -> int:
 
     from livestereo.transport.sender import StreamSender, stream_scans
 
-    sender = StreamSender(args.endpoint, args.pattern)
+    try:
+        sender = StreamSender(args.endpoint, args.pattern)
+    except ValueError as exc:  # a malformed endpoint or an address in use
+        print(f"livestereo simulate: {exc}", file=sys.stderr)
+        return 2
     print(f"simulator streaming run {run_id} on {sender.endpoint} ({args.pattern})", flush=True)
     if args.endpoint_file:
         args.endpoint_file.write_text(sender.endpoint)

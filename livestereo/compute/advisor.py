@@ -147,7 +147,7 @@ def propose_layout(
             raise ValueError(f"{name} must be a positive number, got {v}")
     ks = sorted({int(k) for k in k_values})
     if not ks or ks[0] < 2:
-        raise ValueError(f"k_values must all be >= 2, got {tuple(k_values)}")
+        raise ValueError(f"k_values: each must be >= 2, got {tuple(k_values)}")
     rows = []
     for k in ks:
         s = math.sin(math.pi / k)

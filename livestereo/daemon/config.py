@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from livestereo.compute.layouts import LayoutSpec
 
@@ -138,6 +138,18 @@ class DaemonConfig(BaseModel):
 
     material: str | None = None
     """Material preset or TOML (crystal frame of the lines) when the metadata does not give it."""
+
+    @field_validator("material")
+    @classmethod
+    def _known_material(cls, v: str | None) -> str | None:
+        if v is not None:
+            from livestereo.compute.crystal import MaterialError, load_material
+
+            try:
+                load_material(v)
+            except MaterialError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
     track_max_distance_nm: float = Field(default=15.0, gt=0)
     """In-situ tracking gate: a line farther than this from a track never continues it (nm)."""

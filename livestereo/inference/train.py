@@ -24,18 +24,45 @@ from tqdm import tqdm
 
 from livestereo.inference.stereo_net import StereoNet
 from livestereo.inference.unet import UNet
-from livestereo.inference.weights import DEFAULT_DETECTOR, build_model, save_weights
-from livestereo.inference.widen import WIDENABLE, load_init
+from livestereo.config import ConfigError
+from livestereo.inference.weights import DEFAULT_DETECTOR, WeightsError, build_model, read_weights, save_weights
+from livestereo.inference.widen import WIDENABLE, WidenError, check_widenable, load_init
 from livestereo.synth import SynthParams, make_pair
+from livestereo.synth.generate import MATERIALS
 
 log = logging.getLogger(__name__)
 _SYNTH_FIELDS = set(SynthParams.__dataclass_fields__)
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check_synth(v: dict[str, Any]) -> dict[str, Any]:
+    """Each synth override is a known SynthParams field with a value of that field's form: a
+    range ([lo, hi], lo <= hi, or one number) where the default is a range, a number where it
+    is a number, known material names for ``materials``; the message names the key."""
     bad = sorted(set(v) - _SYNTH_FIELDS)
     if bad:
-        raise ValueError(f"unknown synth setting(s) {bad}; known: {sorted(_SYNTH_FIELDS)}")
+        raise ValueError(f"unknown synth setting(s) {bad}; known: {sorted(_SYNTH_FIELDS - {'height', 'width'})}")
+    defaults = SynthParams()
+    for key, val in v.items():
+        default = getattr(defaults, key)
+        if key in ("height", "width"):
+            raise ValueError(f"synth.{key}: set by the training config's size, not here")
+        if key == "materials":
+            names = [val] if isinstance(val, str) else val
+            if not isinstance(names, (list, tuple)) or not names or any(n not in MATERIALS for n in names):
+                raise ValueError(f"synth.materials: expected a list of names from {sorted(MATERIALS)}, got {val!r}")
+        elif isinstance(default, tuple):
+            ok = _is_number(val) or (isinstance(val, (list, tuple)) and len(val) == 2
+                                     and all(_is_number(x) for x in val) and val[0] <= val[1])
+            if not ok:
+                raise ValueError(f"synth.{key}: expected a range [low, high] (low <= high) or one number, got {val!r}")
+        elif not _is_number(val):
+            raise ValueError(f"synth.{key}: expected a number, got {val!r}")
+        elif key.startswith("p_") and not 0.0 <= val <= 1.0:
+            raise ValueError(f"synth.{key}: a probability, expected 0 <= value <= 1, got {val!r}")
     return v
 
 
@@ -107,6 +134,41 @@ class StereoTrainConfig(_Common):
                                "(False: a zero channel, independent of the detector)")
     coarse_weight: float = Field(0.5, ge=0, description="loss weight of the coarse (cost volume) disparity")
     sigma_weight: float = Field(0.1, ge=0, description="weight of the Laplace NLL that trains log sigma")
+
+
+#: the training-config key of an architecture key, where they differ (for messages)
+_CONFIG_KEY = {"base": "base_channels"}
+
+
+def _weights_path(path: str | Path) -> Path:
+    """A weights path from a config: relative paths are tried from the working directory,
+    then from the package's parent (so the shipped configs work from anywhere)."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        alt = DEFAULT_DETECTOR.parents[2] / path
+        return alt if alt.exists() else path
+    return path
+
+
+def _preflight(kind: str, cfg: _Common, arch: dict[str, Any], resume: bool) -> None:
+    """Before anything is trained: the weights files the config names exist, are readable and
+    fit the network asked for; ConfigError naming the config key and the file otherwise."""
+    if cfg.init_weights and not (resume and Path(cfg.checkpoint).is_file()):
+        try:
+            blob = read_weights(_weights_path(cfg.init_weights), kind)
+            check_widenable(kind, blob.get("arch", {}), arch)
+        except WeightsError as exc:
+            raise ConfigError(f"init_weights: {exc}") from None
+        except WidenError as exc:
+            key = _CONFIG_KEY.get(exc.key, exc.key)
+            fix = f"{exc.old!r} or more" if exc.how == "may only grow" else repr(exc.old)
+            raise ConfigError(f"{key} = {exc.new!r} cannot start from init_weights {cfg.init_weights}, a {kind} "
+                              f"network with {key} = {exc.old!r} ({key} {exc.how}); set {key} = {fix}") from None
+    if kind == "stereo" and cfg.use_detector and cfg.detector:
+        try:
+            read_weights(_weights_path(cfg.detector), "detector")
+        except WeightsError as exc:
+            raise ConfigError(f"detector: {exc}") from None
 
 
 def _device() -> torch.device:
@@ -239,7 +301,7 @@ def _run(kind: str, cfg: _Common, model: torch.nn.Module, arch: dict, make_batch
         torch.set_num_threads(cfg.threads)
     dev = _device()
     if cfg.init_weights and not (resume and Path(cfg.checkpoint).is_file()):
-        init, blob = build_model(cfg.init_weights, kind)
+        init, blob = build_model(_weights_path(cfg.init_weights), kind)
         if load_init(model, arch, init, blob.get("arch", {}), kind):
             log.info("%s: initialised from %s, widened %s -> %s (the same function; new channels learn from "
                      "zero outgoing weights)", kind, cfg.init_weights,
@@ -322,6 +384,7 @@ def train_detector(cfg: DetectorTrainConfig, resume: bool = False, progress: boo
     """
     torch.manual_seed(cfg.seed)
     arch = {"in_ch": 1, "base": cfg.base_channels, "levels": cfg.levels}
+    _preflight("detector", cfg, arch, resume)
     model = UNet(**arch)
     dev = _device()
 
@@ -342,15 +405,12 @@ def train_stereo(cfg: StereoTrainConfig, resume: bool = False, progress: bool = 
     arch = {"in_ch": 2, "feat": cfg.feat, "max_disp_q": cfg.max_disp_q, "groups": cfg.groups, "vol_ch": cfg.vol_ch,
             "refine_ch": cfg.refine_ch, "radius": cfg.radius, "refine_iters": cfg.refine_iters,
             "use_prob": bool(cfg.use_detector and cfg.detector)}
+    _preflight("stereo", cfg, arch, resume)
     model = StereoNet(**arch)
     dev = _device()
     detector = None
     if cfg.use_detector and cfg.detector:
-        path = Path(cfg.detector)
-        if not path.is_absolute() and not path.exists():
-            alt = DEFAULT_DETECTOR.parents[2] / path
-            path = alt if alt.exists() else path
-        detector, _ = build_model(path, "detector", dev)
+        detector, _ = build_model(_weights_path(cfg.detector), "detector", dev)
         for p in detector.parameters():
             p.requires_grad_(False)
 

@@ -31,7 +31,15 @@ _SHAPE_FREE = {"stereo": ("refine_iters", "use_prob")}
 
 
 class WidenError(ValueError):
-    """The two architectures differ in a way widening cannot bridge; the message says how."""
+    """The two architectures differ in a way widening cannot bridge; the message says how.
+
+    Attributes: ``key`` (the architecture key), ``old`` / ``new`` (its value in the weights and
+    in the network asked for), ``how`` ("may only grow" | "must match").
+    """
+
+    def __init__(self, message: str, key: str = "", old: Any = None, new: Any = None, how: str = ""):
+        super().__init__(message)
+        self.key, self.old, self.new, self.how = key, old, new, how
 
 
 def _full_arch(kind: str, arch: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +48,9 @@ def _full_arch(kind: str, arch: dict[str, Any]) -> dict[str, Any]:
     return {**{k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}, **arch}
 
 
-def _check(kind: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+def check_widenable(kind: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """WidenError unless a network ``new`` (architecture keys) can start from weights of
+    architecture ``old``: equal, or wider in the widenable keys only."""
     old, new = _full_arch(kind, old), _full_arch(kind, new)
     free = set(_SHAPE_FREE.get(kind, ()))
     grow = set(WIDENABLE.get(kind, ()))
@@ -52,7 +62,7 @@ def _check(kind: str, old: dict[str, Any], new: dict[str, Any]) -> None:
             continue
         how = "may only grow" if k in grow else "must match"
         raise WidenError(f"{kind}: cannot start {k}={b!r} from weights with {k}={a!r} ({k} {how}; "
-                         f"widenable: {', '.join(WIDENABLE.get(kind, ())) or 'nothing'})")
+                         f"widenable: {', '.join(WIDENABLE.get(kind, ())) or 'nothing'})", k, a, b, how)
 
 
 def _embed(new: torch.Tensor, old: torch.Tensor, in_idx: list[int] | None) -> None:
@@ -125,7 +135,7 @@ _WIDEN = {"detector": _widen_unet, "stereo": _widen_stereo}
 def widen_into(new: nn.Module, new_arch: dict[str, Any], old: nn.Module, old_arch: dict[str, Any], kind: str) -> None:
     """Load ``old`` (architecture ``old_arch``) into the wider ``new`` (``new_arch``), keeping
     its function; WidenError if the architectures differ in anything but widenable keys."""
-    _check(kind, old_arch, new_arch)
+    check_widenable(kind, old_arch, new_arch)
     _WIDEN[kind](new, old)
 
 
