@@ -218,3 +218,42 @@ def test_round_trip_from_binary_line_masks(baseline_deg, half_width_px):
     assert np.median(err) < 0.2
     assert np.percentile(err, 95) < 0.5
     assert err.max() < 0.8
+
+
+def test_a_line_with_many_spurs_stays_one_line():
+    """A comb: each pruned spur lowers its junction's degree, so the line runs on through
+    all of them (the degree bookkeeping of the pruning, which is incremental)."""
+    mask = np.zeros((40, 200), bool)
+    mask[20, 5:195] = True
+    for x in range(15, 190, 8):
+        mask[21:24, x] = True  # 3 px spurs below the line
+        mask[17:20, x + 4] = True  # and above it
+    paths = skeleton_paths(mask)
+    assert len(paths) == 1
+    rc, closed = paths[0]
+    assert not closed and np.all(np.abs(rc[:, 0] - 20) < 1e-9)
+    assert rc[:, 1].min() <= 6 and rc[:, 1].max() >= 193
+    # a fork at the end, both arms shorter than a spur: once the shorter one is pruned the
+    # junction has degree 2, so the longer arm is the line's own end and stays
+    fork = np.zeros((40, 200), bool)
+    fork[20, 20:155] = True  # the line ends with a 4 px arm past the fork at x = 150
+    fork[21:23, 150] = True  # the 2 px arm
+    (rc, _), = skeleton_paths(fork)
+    assert rc[:, 1].max() == 154 and rc[:, 0].max() == 20
+
+
+def test_noisy_mask_links_into_paths_on_its_skeleton():
+    """A mask of noise (thousands of branches and junctions): linking finishes and every
+    path point lies on the skeleton or on a fill across a junction (<= junction_merge_px
+    long, so within half of it of a skeleton pixel)."""
+    from scipy import ndimage
+    from skimage.morphology import skeletonize
+
+    mask = np.random.default_rng(3).random((256, 256)) < 0.35
+    sk = skeletonize(mask)
+    paths = skeleton_paths(mask)
+    assert len(paths) > 100
+    on = np.concatenate([rc for rc, _ in paths])
+    r, c = np.rint(on).astype(int).T
+    dist = ndimage.distance_transform_edt(~sk)
+    assert dist[r, c].max() <= LineParams().junction_merge_px / 2 + 1

@@ -1,6 +1,6 @@
 """Benchmark of dislocation detection, stereo and 3D reconstruction (not a test).
 
-    .venv/bin/python tools/eval_dislocations.py            # ~3-5 min on 2 CPU cores
+    .venv/bin/python tools/eval_dislocations.py            # ~1.5 min on 2 CPU cores
     .venv/bin/python tools/eval_dislocations.py --n 3      # quicker, noisier
 
 On held-out synthetic sets (seeds 10_000_000+ never used in training, which draws from

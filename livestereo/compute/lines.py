@@ -315,17 +315,18 @@ def _link(mask: np.ndarray, params: LineParams, dz: np.ndarray | None = None, de
     xy_of = coords[:, ::-1].astype(np.float64)
     lengths = [_arc_len(xy_of[e.pix]) for e in edges]
 
-    def node_degree():
-        d: dict[int, int] = {}
-        for e in edges:
-            if e.alive:
-                for nd in e.ends:
-                    if nd >= 0:
-                        d[nd] = d.get(nd, 0) + 1
-        return d
+    # live degree of every node (a self-loop counts twice), kept up to date as edges die and
+    # nodes merge: recounting it after every change made pruning quadratic in the edges,
+    # seconds for the skeleton of a noisy mask
+    true_deg: dict[int, int] = {}
+    for e in edges:
+        for nd in e.ends:
+            if nd >= 0:
+                true_deg[nd] = true_deg.get(nd, 0) + 1
 
     # union-find over nodes, to contract short junction-junction edges (an X often
-    # skeletonises into two T junctions joined by a short bridge)
+    # skeletonises into two T junctions joined by a short bridge); edge ends are resolved
+    # to their merged node through find() when read
     parent: dict[int, int] = {}
 
     def find(a: int) -> int:
@@ -334,18 +335,36 @@ def _link(mask: np.ndarray, params: LineParams, dz: np.ndarray | None = None, de
             a = parent[a]
         return a
 
+    def ends_of(e: _Edge) -> tuple[int, int]:
+        return (find(e.ends[0]) if e.ends[0] >= 0 else -1, find(e.ends[1]) if e.ends[1] >= 0 else -1)
+
+    def kill(a: int, b: int) -> None:
+        for nd in (a, b):
+            if nd >= 0:
+                true_deg[nd] -= 1
+
     extra_pix: dict[int, list[int]] = {}
     changed = True
     while changed:
         changed = False
-        deg = node_degree()
+        # the degrees the decisions read: refreshed at the start of a pass and after each
+        # pruned spur or merged junction (a dropped self-loop waits for the next refresh)
+        deg = true_deg
+        stale: list[int] = []  # self-loop nodes whose drop the decisions do not see yet
+
+        def refresh():
+            for nd in stale:
+                true_deg[find(nd)] -= 2
+            stale.clear()
+
         for k in np.argsort(lengths, kind="stable").tolist():  # shortest first
             e = edges[k]
             if not e.alive or e.ends == (-1, -1):
                 continue
-            a, b = e.ends
+            a, b = ends_of(e)
             if a == b and lengths[k] < max(params.spur_length_px, 3):
                 e.alive = False  # tiny self-loop: skeleton artefact
+                stale.append(a)
                 changed = True
                 continue
             da, db = deg.get(a, 0), deg.get(b, 0)
@@ -353,20 +372,23 @@ def _link(mask: np.ndarray, params: LineParams, dz: np.ndarray | None = None, de
             if is_spur and lengths[k] < params.spur_length_px:
                 e.alive = False
                 changed = True
-                deg = node_degree()
+                kill(a, b)
+                refresh()
             elif a != b and a in junctions and b in junctions and da >= 3 and db >= 3 \
                     and lengths[k] <= params.junction_merge_px:
                 e.alive = False
+                kill(a, b)
                 ra, rb = find(a), find(b)
                 parent[rb] = ra
+                true_deg[ra] = true_deg.get(ra, 0) + true_deg.pop(rb, 0)
                 extra_pix.setdefault(ra, []).extend(e.pix)
                 extra_pix[ra].extend(extra_pix.pop(rb, []))
-                # re-point every edge end at the merged node
-                for e2 in edges:
-                    e2.ends = tuple(find(x) if x >= 0 else x for x in e2.ends)  # type: ignore[assignment]
                 junctions.add(ra)
                 changed = True
-                deg = node_degree()
+                refresh()
+        refresh()
+    for e in edges:
+        e.ends = ends_of(e)
     live = [e for e in edges if e.alive]
 
     # junction pixels (for the caller: depth is ambiguous there) and centres
