@@ -257,3 +257,36 @@ def test_noisy_mask_links_into_paths_on_its_skeleton():
     r, c = np.rint(on).astype(int).T
     dist = ndimage.distance_transform_edt(~sk)
     assert dist[r, c].max() <= LineParams().junction_merge_px / 2 + 1
+
+
+def test_depth_sigma_accounts_for_correlated_disparity_errors():
+    """sigma_z's noise gain for errors correlated along the line equals the scatter of the
+    smoothed depth in a Monte Carlo of AR(1) errors with that correlation (numpy reference:
+    np.convolve with the Savitzky-Golay coefficients of scipy.signal)."""
+    from scipy.signal import savgol_coeffs
+
+    from livestereo.compute.lines import _noise_gain
+
+    w, order, ell = 15, 2, 1.0
+    c = savgol_coeffs(w, order)
+    assert _noise_gain(w, order, 0.0) == pytest.approx(np.sqrt((c**2).sum()))
+    assert _noise_gain(w, order, 1e9) == pytest.approx(1.0, abs=1e-6)
+    rng = np.random.default_rng(0)
+    a = math.exp(-1.0 / ell)  # AR(1) with correlation a^|k| = exp(-|k| / ell), unit variance
+    e = np.empty((4000, 200))
+    e[:, 0] = rng.normal(size=4000)
+    for i in range(1, 200):
+        e[:, i] = a * e[:, i - 1] + math.sqrt(1 - a * a) * rng.normal(size=4000)
+    out = np.array([np.convolve(row, c, mode="valid") for row in e])
+    assert out.std() == pytest.approx(_noise_gain(w, order, ell), rel=0.03)
+    # on a line: error_correlation_px scales sigma_z by that gain over the independent one
+    th = np.array([[-50.0, 0.0], [50.0, 0.0]])
+    line = curve(lambda s: 20 + 100 * s, lambda s: 60 + 0 * s, lambda s: -30 + 60 * s)
+    prob, disp = render([line], th, 1.0, (120, 140))
+    sd = np.full(prob.shape, 0.5)
+    (l0,) = extract_lines(prob, disp[0], th, 1.0, sigma_disparity=sd, params=LineParams(error_correlation_px=0.0))
+    (l1,) = extract_lines(prob, disp[0], th, 1.0, sigma_disparity=sd)
+    mid = len(l0.sigma_z_nm) // 2
+    ratio = _noise_gain(w, order, LineParams().error_correlation_px) / _noise_gain(w, order, 0.0)
+    assert l1.sigma_z_nm[mid] / l0.sigma_z_nm[mid] == pytest.approx(ratio, rel=1e-9)
+    np.testing.assert_array_equal(l1.points_nm, l0.points_nm)

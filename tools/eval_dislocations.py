@@ -22,6 +22,8 @@ classical baseline in the same run:
   field of view that have a reconstructed point within 5 nm (the 3D errors alone would
   favour a method that reconstructs only the easiest lines), and line-direction /
   habit-plane angle errors (PCA axis / plane normal of each line vs its true curve);
+- how well the 3D lines' per-point depth uncertainty (sigma_z_nm) is calibrated: the share
+  of points within 1 and 2 sigma_z of the true depth (the dose sets);
 - seconds per 256x256 pair (detection of both views + stereo) on 1 and 2 threads;
 - tables of accuracy versus dose and versus stereo angle;
 - for the dose sets: the recall of true line pixels by how visible their line is
@@ -270,6 +272,25 @@ def errors_3d(lines, curves, z_focus):
     return (np.concatenate(dists) if dists else np.zeros(0)), dir_err, plane_err
 
 
+def depth_sigma_coverage(lines, curves, z_focus, xy_tol_nm: float = 1.5) -> np.ndarray:
+    """(points within 1 sigma_z of the true depth, within 2 sigma_z, points compared): the
+    true depth of a reconstructed point is that of the true curve points within xy_tol_nm of
+    it in (x, y), the nearest in z among them (points with none are not compared)."""
+    out = np.zeros(3, np.int64)
+    if not lines or not curves:
+        return out
+    gt = np.concatenate([c - [0, 0, z_focus] for c in curves])
+    tree = cKDTree(gt[:, :2])
+    for ln in lines:
+        ok = np.all(np.isfinite(ln.points_nm), axis=1) & np.isfinite(ln.sigma_z_nm) & (ln.sigma_z_nm > 0)
+        pts, sig = ln.points_nm[ok], ln.sigma_z_nm[ok]
+        for pt, sg, near in zip(pts, sig, tree.query_ball_point(pts[:, :2], xy_tol_nm)):
+            if near:
+                dz = float(np.min(np.abs(gt[near, 2] - pt[2])))
+                out += (dz <= sg, dz <= 2 * sg, 1)
+    return out
+
+
 # ------------------------------------------------------------------------- run
 def make_set(kind: str, n: int, base_seed: int, **fixed):
     sp = SynthParams(p_background=0.85)
@@ -323,6 +344,7 @@ class Acc:
         self.epe_floor = []  # disparity_floor on transverse line pixels (sets made with line_snr)
         self.cov = np.zeros(2, np.int64)  # true 3D points recovered within 5 nm, true 3D points
         self.cov_c = np.zeros(2, np.int64)
+        self.zsig = np.zeros(3, np.int64)  # depth_sigma_coverage of the network's lines
 
     def summary(self):
         out = {}
@@ -391,6 +413,7 @@ def evaluate(pl, pairs, thr_c, acc: Acc, do3d: bool):
                 acc.d3.append(d); acc.dir += de; acc.pl += pe
                 ext = (raw.shape[2] * p, raw.shape[1] * p)
                 acc.cov += coverage_3d(lines, q["curves"], q["z_focus_nm"], ext)
+                acc.zsig += depth_sigma_coverage(lines, q["curves"], q["z_focus_nm"])
                 lines_c = extract_lines(cm[0].astype(np.float64), np.where(np.isfinite(dc), dc, np.nan), th, p,
                                         valid=valid, params=lp)
                 d, de, pe = errors_3d(lines_c, q["curves"], q["z_focus_nm"])
@@ -523,12 +546,16 @@ def main(argv=None) -> int:
                          dose=dose, jitter_px=0.0, drift_px=0.0, line_snr=True)
         evaluate(pl, pairs, thr_c, acc, do3d)
         snr_rows.append((f"dose {dose:g}", acc.snr_recall, acc.epe_t, acc.epe_floor))
-        for k in ("det", "det_c", "cov", "cov_c", "snr_recall"):
+        for k in ("det", "det_c", "cov", "cov_c", "snr_recall", "zsig"):
             setattr(total, k, getattr(total, k) + getattr(acc, k))
         for k in ("epe", "epe_c", "epe_t", "epe_tc", "d3", "d3_c", "dir", "dir_c", "pl", "pl_c", "pair_s", "epe_floor"):
             getattr(total, k).extend(getattr(acc, k))
         print(fmt_row(f"dose {dose:g}", acc.summary()))
     print(fmt_row("all doses", total.summary()))
+    if total.zsig[2]:
+        w1, w2, nz = total.zsig
+        print(f"   depth uncertainty of the 3D lines (sigma_z_nm), all doses: {100 * w1 / nz:.0f} % of {nz} points within "
+              f"1 sigma of the true depth, {100 * w2 / nz:.0f} % within 2 (a Gaussian: 68 %, 95 %)")
     print_snr_table(snr_rows + [("all doses", total.snr_recall, total.epe_t, total.epe_floor)])
 
     headline = total.summary()

@@ -93,6 +93,14 @@ class LineParams(BaseModel):
     """Half-width (px) of the cross-line profile used for refinement."""
     min_depth_fraction: float = Field(default=0.5, ge=0, le=1)
     """Lines whose pixels have a finite depth less often than this are dropped."""
+    error_correlation_px: float = Field(default=1.0, ge=0)
+    """Correlation length (px along the line) of the disparity errors, for ``sigma_z_nm``:
+    neighbouring pixels' errors are not independent, so the depth smoothing averages fewer
+    independent errors than points; its noise gain is sqrt(c^T R c) with the smoothing
+    coefficients c and R_ij = exp(-|i - j| / this). 0: independent (sqrt(sum c^2)), which
+    made sigma_z too small (58 % of the points within 1 sigma of the true depth, 81 % within
+    2). 1.0 puts 70 % within 1 sigma (89 % within 2: the errors have heavier tails than a
+    Gaussian) on synthetic pairs at doses 10-1000 with seeds apart from the eval's."""
 
 
 @dataclasses.dataclass
@@ -558,9 +566,21 @@ def _sg_matrix(w: int, polyorder: int) -> np.ndarray:
     return H
 
 
+@lru_cache(maxsize=64)
+def _noise_gain(w: int, polyorder: int, corr_px: float) -> float:
+    """Standard deviation of the Savitzky-Golay output (window centre) for unit-variance
+    input errors with correlation exp(-|i - j| / corr_px) (0: independent, sqrt(sum c^2))."""
+    c = _sg_matrix(w, polyorder)[w // 2]
+    if corr_px <= 0:
+        return float(np.sqrt((c**2).sum()))
+    i = np.arange(w)
+    R = np.exp(-np.abs(i[:, None] - i[None, :]) / corr_px)
+    return float(np.sqrt(c @ R @ c))
+
+
 def _smooth(v: np.ndarray, w: int, polyorder: int, closed: bool) -> tuple[np.ndarray, float]:
     """Savitzky-Golay smoothing along axis 0 (polynomial fits at the ends of open lines,
-    wrap-around for closed ones); returns (smoothed, noise gain sqrt(sum c^2))."""
+    wrap-around for closed ones); returns (smoothed, noise gain for independent errors)."""
     v = np.asarray(v, dtype=np.float64)
     n = len(v)
     w = _window(w, n, polyorder) if not closed else (_window(w, n, polyorder) if n > polyorder + 1 else 0)
@@ -580,7 +600,7 @@ def _smooth(v: np.ndarray, w: int, polyorder: int, closed: bool) -> tuple[np.nda
         out[half:n - half] = win @ c
         out[:half] = H[:half] @ vv[:w]
         out[n - half:] = H[half + 1:] @ vv[n - w:]
-    return (out if v.ndim == 2 else out[:, 0]), float(np.sqrt((c**2).sum()))
+    return (out if v.ndim == 2 else out[:, 0]), _noise_gain(w, polyorder, 0.0)
 
 
 def _tangents(xy: np.ndarray, closed: bool) -> np.ndarray:
@@ -722,11 +742,13 @@ def extract_lines(
         xys, _ = _smooth(xy, params.smooth_xy_px, params.polyorder, closed)
         zs, gain = _smooth(z_raw, params.smooth_z_px, params.polyorder, closed)
         if np.isfinite(s_raw).all():
-            # smoothing of independent errors: sigma^2 = sum c_i^2 sigma_i^2 (local mean of sigma^2)
+            # the local mean of the per-pixel variances through the smoothing's noise gain for
+            # errors correlated over error_correlation_px
             w = max(_window(params.smooth_z_px, len(z_raw), params.polyorder), 1)
             s2 = ndimage.uniform_filter1d(s_raw**2, w, mode="wrap" if closed else "nearest")
-            sig = np.sqrt(s2) * gain
+            sig = np.sqrt(s2) * (_noise_gain(w, params.polyorder, params.error_correlation_px) if w > 1 else 1.0)
         else:
+            # the scatter about the smoothed line sees only the independent part of the errors
             res = z_raw - zs
             w = _window(params.smooth_z_px, len(z_raw), params.polyorder)
             dof_corr = math.sqrt(w / (w - params.polyorder - 1)) if w > params.polyorder + 1 else 1.0
