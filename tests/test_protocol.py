@@ -72,6 +72,16 @@ def test_start_missing_and_mistyped_fields_are_named():
     assert "unknown key 'colour'" in _reason([msgpack.packb(d)])[1]
 
 
+@pytest.mark.parametrize(("path", "value"), [(("scan_rotation_deg",), float("nan")), (("disc_center_px",), [float("inf"), 3.0]),
+                                            (("high_tension_kv",), float("inf"))])
+def test_start_calibration_must_be_finite(path, value):
+    """NaN / inf in a calibration would silently empty every virtual detector's mask."""
+    d = make_start().model_dump(mode="json")
+    d["calibration"][path[0]] = value
+    reason, text = _reason([msgpack.packb(d)])
+    assert reason == "bad_start" and f"calibration.{path[0]}" in text and "finite number" in text
+
+
 def test_frames_field_errors():
     good = dict(type="frames", run_id="r", seq=0, scan=0, first=0, count=1, dtype="uint16", shape=[2, 2])
     for key, value, reason in [("seq", "0", "bad_field"), ("count", True, "bad_field"), ("dtype", "float128", "bad_field"),

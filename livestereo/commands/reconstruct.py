@@ -125,7 +125,7 @@ class ManifestError(ConfigError):
 class ManifestView(BaseModel):
     """One view image of a manifest."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     file: str = Field(min_length=1)
     """Path of a 2D image (.npy, .tif, .tiff), relative to the manifest."""
@@ -145,7 +145,7 @@ class ManifestView(BaseModel):
 class OrientationModel(BaseModel):
     """Zone axis along the beam and one indexed g at a known direction in the image."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     zone_axis: tuple[int, int, int]
     """[uvw] parallel to the beam."""
@@ -158,7 +158,7 @@ class OrientationModel(BaseModel):
 class Manifest(BaseModel):
     """A set of 2D view images of one scan with their geometry."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     scan_step_nm: float = Field(gt=0, le=1e6)
     """Scan step p (nm per pixel)."""

@@ -75,7 +75,7 @@ class Lattice(BaseModel):
     """Unit cell: edge lengths in nm, angles in degrees (alpha = angle(b, c), beta =
     angle(a, c), gamma = angle(a, b)).  ``b_nm``/``c_nm`` default to ``a_nm``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     a_nm: float = Field(gt=0)
     """Length of a (nm)."""
@@ -234,7 +234,7 @@ class OrientationSpec(BaseModel):
     """How the crystal sits in the microscope: zone axis along the beam and one reflection g
     at a known direction in the image (config / manifest form)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     zone_axis: tuple[int, int, int]
     """Zone axis [uvw] parallel to the beam (+z)."""
@@ -354,7 +354,7 @@ class Orientation:
 class Material(BaseModel):
     """A material preset (TOML): lattice and the usual dislocation crystallography."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     name: str = Field(min_length=1)
     """Display name, e.g. "gamma-TiAl"."""

@@ -29,7 +29,7 @@ _CHUNK_ROWS = 64
 class LayoutSpec(BaseModel):
     """What virtual detectors to build; angles in mrad relative to the BF disc centre."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["stereo", "multiview", "bf_adf", "segments"] = "stereo"
     """stereo: two circular regions at opposite sides of the disc; multiview: k circular

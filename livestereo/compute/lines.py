@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 class LineParams(BaseModel):
     """Parameters of line extraction (lengths in scan px)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     threshold: float = Field(default=0.7, gt=0, lt=1)
     """Probability above which a pixel belongs to a line."""

@@ -13,7 +13,7 @@ from livestereo.compute.layouts import LayoutSpec
 class Limits(BaseModel):
     """Bounds that protect the daemon from declared shapes meant to exhaust memory."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_frame_bytes: int = Field(default=64 * 2**20, gt=0)
     """Largest accepted frame (bytes): a 4096x4096 uint32 frame is 64 MiB."""
@@ -31,7 +31,7 @@ class Limits(BaseModel):
 class DaemonConfig(BaseModel):
     """Everything ``livestereo run`` needs; every field can also be set on the command line."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     endpoint: str = "tcp://127.0.0.1:5555"
     """ZeroMQ endpoint of the stream (the source binds, the daemon connects)."""

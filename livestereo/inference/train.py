@@ -67,7 +67,7 @@ def _check_synth(v: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seed: int = Field(0, description="seed of the data stream and of the initial weights")
     steps: int = Field(3000, ge=1, description="optimiser steps")

@@ -27,7 +27,7 @@ FRAME_DTYPES = ("uint8", "uint16", "uint32", "int16", "int32", "float32")
 class Calibration(BaseModel):
     """What the daemon must know about the microscope and detector for one run."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     convergence_semiangle_mrad: float = Field(gt=0, le=500)
     """Probe convergence semi-angle alpha (mrad): the radius of the bright-field disc."""
@@ -70,7 +70,7 @@ class Calibration(BaseModel):
 class StartMessage(BaseModel):
     """Opens a run: what the frames will look like and how to read them physically."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     type: Literal["start"] = "start"
     """Message type tag."""

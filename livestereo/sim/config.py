@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class SimConfig(BaseModel):
     """Everything that defines a simulated run; deterministic given ``seed``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     # --- sample -------------------------------------------------------------------------------
     seed: int = Field(default=0, ge=0)

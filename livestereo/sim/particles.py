@@ -63,7 +63,7 @@ MATERIAL_MU_PER_NM: dict[str, float] = {
 class ParticleSimConfig(BaseModel):
     """A nanoparticle-in-ice scene and how it is imaged (simulator mode 'particles')."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seed: int = 0
     """Random seed of the scene (positions, sizes, materials) and of the noise."""

@@ -40,7 +40,7 @@ CONVENTION = "intensity-weighted mean angle = 0"
 class SegmentCalibration(BaseModel):
     """Effective incident angles of a segmented detector's segments (calibration file)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["livestereo segment calibration"] = "livestereo segment calibration"
     """File type tag."""

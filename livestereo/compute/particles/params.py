@@ -12,7 +12,7 @@ __all__ = ["ParticleConfig", "ParticleParams", "load_particle_config"]
 class ParticleParams(BaseModel):
     """How segment images become a 3D particle table (denoise, detect circles, line search, depth)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     radius_range_nm: tuple[float, float] = (1.5, 12.0)
     """(min, max) radius (nm) of the circles searched for (apparent, i.e. blur included)."""
@@ -118,7 +118,7 @@ class ParticleParams(BaseModel):
 class ParticleConfig(BaseModel):
     """A particle-pipeline config file (configs/particles.toml)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     calibration: str | None = None
     """Segment calibration TOML (from ``livestereo calibrate``), relative to this file; None:
