@@ -1,5 +1,7 @@
 """Stream protocol v1: encode/decode round trips and every malformed message named."""
 
+import re
+
 import msgpack
 import numpy as np
 import pytest
@@ -109,3 +111,44 @@ def test_start_validation_shapes():
     with pytest.raises(ValueError, match="segment angles"):
         StartMessage(version=1, run_id="r", detector="segmented", scan_shape=(2, 2), n_segments=4, dtype="uint16",
                      calibration=make_start(segment_angles_mrad=((1, 0), (0, 1))).calibration)
+
+
+# ---------------------------------------------------------------- live results stream
+def _live_parts(arrays_spec=None, buffers=(), **header_changes):
+    from livestereo.protocol.live import encode_live
+
+    parts = encode_live("status", 1, {"x": 1})
+    header = msgpack.unpackb(parts[1], raw=False)
+    if arrays_spec is not None:
+        header["arrays"] = arrays_spec
+    header.update(header_changes)
+    return [parts[0], msgpack.packb(header, use_bin_type=True), *buffers]
+
+
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        ([b"status"], "at least 2 parts"),
+        ([b"\xff\xfe", b""], "not ASCII"),
+        ([b"gossip", msgpack.packb({})], "unknown topic"),
+        ([b"status", b"\xc1"], "not msgpack"),
+        (_live_parts(version=9), "version 9"),
+        (_live_parts(topic="snapshot"), "does not match"),
+        (_live_parts(pub_seq="one"), "pub_seq"),
+        (_live_parts([{"name": "a", "dtype": "<f4", "shape": [2]}]), "1 array(s) but 0 buffer"),
+        (_live_parts([{"name": "a", "dtype": "object", "shape": [2]}], [b""]), "not allowed"),
+        (_live_parts([{"name": "a", "dtype": "<f4", "shape": [3]}], [b"\x00" * 8]), "8 bytes, expected 12"),
+        (_live_parts([{"name": "a", "dtype": "<f4", "shape": [-1]}], [b""]), "negative or impossibly large"),
+        # products that wrap around in int64 (2**64 -> 0) or overflow it
+        (_live_parts([{"name": "a", "dtype": "<f4", "shape": [2**32, 2**32]}], [b""]), "impossibly large"),
+        (_live_parts([{"name": "a", "dtype": "<f4", "shape": [2**64 - 1]}], [b""]), "impossibly large"),
+        (_live_parts([{"name": "a", "dtype": "<f8", "shape": [2**25, 2**25]}], [b""]), "too large"),
+        (_live_parts([{"name": "a"}], [b""]), "bad array spec"),
+        (_live_parts(data=[1, 2]), "data must be a map"),
+    ],
+)
+def test_live_stream_bad_messages_are_named(parts, message):
+    from livestereo.protocol.live import LiveProtocolError, decode_live
+
+    with pytest.raises(LiveProtocolError, match=re.escape(message)):
+        decode_live(parts)

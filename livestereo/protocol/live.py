@@ -26,6 +26,7 @@ Decoding never copies: the arrays are read-only views on the received buffers.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Mapping, Sequence
 
@@ -157,10 +158,10 @@ def decode_live(parts: Sequence[Any]) -> LiveMessage:
             raise LiveProtocolError(f"bad array spec {spec!r} (needs name, dtype, shape)") from None
         if dt not in _ALLOWED_DTYPES:
             raise LiveProtocolError(f"array {name!r}: dtype {dt!r} not allowed")
-        if any(s < 0 for s in shape):
-            raise LiveProtocolError(f"array {name!r}: negative shape {shape}")
+        if any(s < 0 or s > _MAX_ARRAY_BYTES for s in shape):
+            raise LiveProtocolError(f"array {name!r}: shape {shape} has a negative or impossibly large dimension")
         dtype = np.dtype(dt)
-        n = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        n = dtype.itemsize * math.prod(shape)  # Python ints: no int64 wrap-around
         if n > _MAX_ARRAY_BYTES:
             raise LiveProtocolError(f"array {name!r}: {n} bytes is too large")
         mv = memoryview(buf)
