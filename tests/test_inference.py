@@ -284,6 +284,7 @@ def test_gpu_configs_continue_the_shipped_weights():
         ("detector", ["synth.dose=[300, 3]"], r"synth.dose: expected a range"),
         ("detector", ["synth.p_double=3"], "synth.p_double: a probability"),
         ("detector", ["synth.materials=[\"Zr\"]"], "synth.materials: expected a list of names"),
+        ("detector", ["synth.materials=\"Ni\""], "synth.materials: expected a list of names"),
         ("detector", ["synth.height=64"], "synth.height: set by the training config's size"),
     ],
 )

@@ -324,13 +324,15 @@ def _link(mask: np.ndarray, params: LineParams, dz: np.ndarray | None = None, de
     lengths = [_arc_len(xy_of[e.pix]) for e in edges]
 
     # live degree of every node (a self-loop counts twice), kept up to date as edges die and
-    # nodes merge: recounting it after every change made pruning quadratic in the edges,
-    # seconds for the skeleton of a noisy mask
-    true_deg: dict[int, int] = {}
+    # nodes merge (recounting it after every change made pruning quadratic in the edges:
+    # seconds for the skeleton of a noisy mask). A dropped self-loop's -2 waits in ``stale``
+    # until the next pruned spur, merge or pass, which is when the decisions have seen it.
+    deg: dict[int, int] = {}
     for e in edges:
         for nd in e.ends:
             if nd >= 0:
-                true_deg[nd] = true_deg.get(nd, 0) + 1
+                deg[nd] = deg.get(nd, 0) + 1
+    stale: list[int] = []
 
     # union-find over nodes, to contract short junction-junction edges (an X often
     # skeletonises into two T junctions joined by a short bridge); edge ends are resolved
@@ -346,25 +348,22 @@ def _link(mask: np.ndarray, params: LineParams, dz: np.ndarray | None = None, de
     def ends_of(e: _Edge) -> tuple[int, int]:
         return (find(e.ends[0]) if e.ends[0] >= 0 else -1, find(e.ends[1]) if e.ends[1] >= 0 else -1)
 
-    def kill(a: int, b: int) -> None:
+    def drop(a: int, b: int) -> None:
+        """Take a dead edge a-b off the degrees and apply the pending self-loops."""
         for nd in (a, b):
             if nd >= 0:
-                true_deg[nd] -= 1
+                deg[nd] -= 1
+        refresh()
+
+    def refresh() -> None:
+        for nd in stale:
+            deg[find(nd)] -= 2
+        stale.clear()
 
     extra_pix: dict[int, list[int]] = {}
     changed = True
     while changed:
         changed = False
-        # the degrees the decisions read: refreshed at the start of a pass and after each
-        # pruned spur or merged junction (a dropped self-loop waits for the next refresh)
-        deg = true_deg
-        stale: list[int] = []  # self-loop nodes whose drop the decisions do not see yet
-
-        def refresh():
-            for nd in stale:
-                true_deg[find(nd)] -= 2
-            stale.clear()
-
         for k in np.argsort(lengths, kind="stable").tolist():  # shortest first
             e = edges[k]
             if not e.alive or e.ends == (-1, -1):
@@ -380,15 +379,13 @@ def _link(mask: np.ndarray, params: LineParams, dz: np.ndarray | None = None, de
             if is_spur and lengths[k] < params.spur_length_px:
                 e.alive = False
                 changed = True
-                kill(a, b)
-                refresh()
+                drop(a, b)
             elif a != b and a in junctions and b in junctions and da >= 3 and db >= 3 \
                     and lengths[k] <= params.junction_merge_px:
                 e.alive = False
-                kill(a, b)
                 ra, rb = find(a), find(b)
                 parent[rb] = ra
-                true_deg[ra] = true_deg.get(ra, 0) + true_deg.pop(rb, 0)
+                deg[ra] = deg.get(ra, 0) + deg.pop(rb, 0) - 2  # the bridge counted once at each end
                 extra_pix.setdefault(ra, []).extend(e.pix)
                 extra_pix[ra].extend(extra_pix.pop(rb, []))
                 junctions.add(ra)

@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from livestereo.config import ConfigError
 from livestereo.inference.stereo_net import StereoNet
 from livestereo.inference.unet import UNet
-from livestereo.config import ConfigError
 from livestereo.inference.weights import DEFAULT_DETECTOR, WeightsError, build_model, read_weights, save_weights
 from livestereo.inference.widen import WIDENABLE, WidenError, check_widenable, load_init
 from livestereo.synth import SynthParams, make_pair
@@ -51,8 +51,7 @@ def _check_synth(v: dict[str, Any]) -> dict[str, Any]:
         if key in ("height", "width"):
             raise ValueError(f"synth.{key}: set by the training config's size, not here")
         if key == "materials":
-            names = [val] if isinstance(val, str) else val
-            if not isinstance(names, (list, tuple)) or not names or any(n not in MATERIALS for n in names):
+            if not isinstance(val, (list, tuple)) or not val or any(n not in MATERIALS for n in val):
                 raise ValueError(f"synth.materials: expected a list of names from {sorted(MATERIALS)}, got {val!r}")
         elif isinstance(default, tuple):
             ok = _is_number(val) or (isinstance(val, (list, tuple)) and len(val) == 2
