@@ -115,3 +115,18 @@ def test_run_refuses_an_unknown_material_at_start(capsys):
     assert main(["run", "--material", "unobtainium", "--max-runs", "1"]) == 2
     err = capsys.readouterr().err
     assert "unknown material 'unobtainium'" in err and "gamma-TiAl" in err
+
+
+def test_demo_summary_leads_with_the_in_plane_speed(capsys):
+    """The demo's track summary: in-plane speed first, the 3D speed labelled as carrying the depth error."""
+    from types import SimpleNamespace
+
+    from livestereo.commands.demo import _print_tracks
+
+    tracks = [{"track_id": 0, "first_scan": 0, "last_scan": 5, "mean_speed_nm_s": 6.7, "mean_speed_xy_nm_s": 1.2},
+              {"track_id": 1, "first_scan": 2, "last_scan": 2, "mean_speed_nm_s": None, "mean_speed_xy_nm_s": None}]
+    analysis = SimpleNamespace(run_summary=lambda run_id: {"tracks": tracks} if run_id == "demo" else None)
+    _print_tracks(SimpleNamespace(analyses=[analysis], runs_ended=[{"run_id": "demo"}, {"run_id": "other"}]))
+    out = capsys.readouterr().out
+    assert "track 0: scans 0-5, in-plane 1.2 nm/s, 3D 6.7 nm/s" in out
+    assert "track 1: scans 2-2, seen once" in out and "depth error" in out and "other" not in out
