@@ -35,13 +35,22 @@ def series():
     return sim, [sim.precompute_scan(s) for s in range(SCANS)]
 
 
-def _send_series(h, sim, scans, run_id="ins", pause=0.01):
+def _send_series(h, sim, scans, run_id="ins", pause=0.01, slow_until=None):
+    """Stream the scans; while ``slow_until()`` is False, the second half of the last scan
+    trickles in one frame per 0.3 s (what must happen while a scan fills gets its time,
+    however busy the machine)."""
     h.send_msg(sim.start_message(run_id))
     seq = 0
     for s, frames in enumerate(scans):
-        for i in range(0, len(frames), 64):
-            h.send(frames_parts(run_id, seq, s, i, frames[i:i + 64]))
+        i = 0
+        while i < len(frames):
+            n = 64
+            if slow_until is not None and s == len(scans) - 1 and i >= len(frames) // 2 and not slow_until():
+                n = 1
+                time.sleep(0.3)
+            h.send(frames_parts(run_id, seq, s, i, frames[i:i + n]))
             seq += 1
+            i += n
             time.sleep(pause)  # about live speed for a 2-core machine: snapshots while the scan fills
     h.send_msg(EndMessage(run_id, sum(len(f) for f in scans), "complete"))
 
@@ -74,10 +83,17 @@ def test_live_series_stream_layout_tracks_and_files(harness, series, tmp_path):
     h = harness(analyses=[DislocationAnalysis(out, threads=1)], output_dir=out,
                 publish="tcp://127.0.0.1:*", snapshot_interval_s=0.05, status_interval_s=0.2)
     ctx, sub = _subscribe(h.daemon.publisher.endpoint)
+    msgs: list = []
     try:
-        _send_series(h, sim, scans)
+        # the first snapshots also prepare the networks (a second or more on a busy machine)
+        # and finished scans go first, so the last scan fills slowly until a rolling
+        # inference on a partial scan has been published
+        def partial_seen():
+            _drain(sub, msgs)
+            return any(m.topic == "dislocations" and not m.data["final"] for m in msgs)
+
+        _send_series(h, sim, scans, slow_until=partial_seen)
         h.wait_runs(1, timeout=120)
-        msgs: list = []
         run_json = h.cfg.output_dir / "ins" / "run.json"
         _drain(sub, msgs, until=lambda: run_json.exists() and sum(m.topic == "scan_done" for m in msgs) >= SCANS)
     finally:
