@@ -328,3 +328,60 @@ def test_array_input_with_real_accumulation(tmp_path, fake_pipeline):
     (shape, cents, p, t), = fake_pipeline.calls
     assert shape == (2, 16, 20) and p == 1.0 and t == 100.0
     assert math.isclose(cents[0][0], -cents[1][0], abs_tol=1e-6)
+
+
+def test_recording_scans_are_tracked_as_an_in_situ_series(tmp_path, fake_pipeline, monkeypatch):
+    """The scans of a recording's run are tracked with the live daemon's settings: stable
+    track ids, displacement, and velocities on the acquisition clock (frame_time_s); without
+    a frame time the identities and displacements stay, the velocities are NaN."""
+    import h5py
+
+    from livestereo.protocol.messages import Calibration
+
+    base, shift = CURVE.copy(), np.array([0.0, 2.0, 0.0])  # the line moves 2 nm in y per scan
+    orig = FakePipeline.process
+
+    def moving(self, views, *args):
+        monkeypatch.setattr(sys.modules[__name__], "CURVE", base + len(FakePipeline.calls) * shift)
+        return orig(self, views, *args)
+
+    monkeypatch.setattr(FakePipeline, "process", moving)
+    # reference: the same tracking on the true curves (the displacement is the motion
+    # perpendicular to the line, so less than the shift where the curve runs along y)
+    from livestereo.compute.tracking import LineTracker
+
+    ref = LineTracker(max_distance_nm=15.0, z_weight=0.5)
+    true_disp = [ref.update(s, float(s), [base[::10] + s * shift])[0].displacement_nm for s in range(3)][1:]
+    meta = {"sample": {"thickness_nm": 180.0}}
+    rec = tmp_path / "run.lsrec"
+    rec.write_bytes(b"")
+    for frame_time_s in (1e-4, None):
+        FakePipeline.calls.clear()
+        cal = Calibration(convergence_semiangle_mrad=60, scan_step_nm=P, frame_time_s=frame_time_s)
+        scans = []
+        for s in range(3):
+            sc = _fake_scan(s, meta=meta)
+            sc.calibration = cal
+            scans.append(sc)
+        monkeypatch.setitem(sys.modules, "livestereo.daemon.offline",
+                            types.SimpleNamespace(accumulate_file=lambda path, _s=scans, **kw: _s))
+        out = tmp_path / f"o{frame_time_s}"
+        assert main(["reconstruct", str(rec), "-o", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        (track,) = summary["tracks"]["run-1"]
+        assert track["scans"] == [0, 1, 2]
+        np.testing.assert_allclose(track["total_displacement_nm"], np.sum(true_disp, axis=0), atol=0.3)
+        steps = [s["tracks"] for s in summary["scans"]]
+        assert [st[0]["status"] for st in steps] == ["new", "continued", "continued"]
+        with h5py.File(out / "scan_0002.h5") as f:
+            t = f["tracks"]
+            assert list(t["track_id"]) == [track["track_id"]] and f["lines/0000"].attrs["track_id"] == track["track_id"]
+            np.testing.assert_allclose(t["displacement_nm"][0], true_disp[1], atol=0.3)
+            if frame_time_s:
+                dt = SHAPE[0] * SHAPE[1] * frame_time_s  # back-to-back scans
+                assert t.attrs["clock"] == "frames" and summary["track_clock"] == "frames"
+                assert t["dt_s"][0] == pytest.approx(dt)
+                np.testing.assert_allclose(t["velocity_nm_s"][0], true_disp[1] / dt, atol=0.3 / dt)
+            else:
+                assert t.attrs["clock"] == "none" and summary["track_clock"] == "none"
+                assert np.isnan(t["velocity_nm_s"][0]).all() and track["mean_speed_nm_s"] is None

@@ -37,7 +37,8 @@ For (a) and (b) the virtual views come from the same accumulation code the daemo
 with ``--set layout.kind=multiview --set layout.k=4`` etc.); foil thickness, material and
 orientation come from the options, else from the run's start metadata (keys
 ``thickness_nm``, ``material``, ``zone_axis``, ``g``, ``g_angle_deg``, at the top level or
-under ``sample``).  Every scan of the input is reconstructed.
+under ``sample``).  Every scan of the input is reconstructed, and the scans of each run
+are tracked as an in-situ series with the live daemon's tracker and settings (``/tracks``).
 
 Results (in ``--output DIR``, default ``<INPUT stem>_reconstruct/`` next to INPUT)
 -----------------------------------------------------------------------------------
@@ -70,6 +71,13 @@ Results (in ``--output DIR``, default ``<INPUT stem>_reconstruct/`` next to INPU
   (``a_nm`` ... ``gamma_deg``), ``zone_axis``, ``g``, ``g_angle_deg``; datasets ``A_nm``
   (3, 3) direct lattice matrix (columns a, b, c) and ``U`` (3, 3) orientation (columns:
   microscope axes in crystal-Cartesian coordinates; fractional f = A^-1 U x).
+- ``/tracks`` (recordings and 4D arrays: the scans of a run are an in-situ series, tracked
+  as the live daemon tracks them, same settings): datasets ``line_id``, ``track_id``,
+  ``status``, ``displacement_nm``, ``velocity_nm_s``, ``speed_nm_s``, ``speed_xy_nm_s``,
+  ``dt_s``, ``distance_nm`` per line and attrs ``time_s``, ``clock``; each ``/lines/NNNN``
+  gets the attr ``track_id`` (see ``livestereo.compute.tracking.write_tracks_hdf5``). The
+  clock is the calibration's ``frame_time_s`` (back-to-back scans); without it ``clock`` is
+  "none" and the velocities are NaN (identities and displacements are still there).
 
 ``summary.json``: ``livestereo_version``, ``input``, ``input_kind`` (recording | array |
 manifest), ``created`` (ISO time), ``seconds`` and per scan: ``hdf5`` (file name),
@@ -78,7 +86,10 @@ manifest), ``created`` (ISO time), ``seconds`` and per scan: ``hdf5`` (file name
 ``lattice``, ``orientation``, and ``lines``: ``id``, ``n_points``, ``length_nm``,
 ``closed``, ``mean_probability``, ``z_range_nm``, ``median_sigma_z_nm``, ``points_nm``,
 ``sigma_z_nm`` and ``crystal`` {``direction``, ``direction_uvw``, ``direction_angle_deg``,
-``habit_plane``, ``habit_hkl``, ``habit_angle_deg``, ..., ``fractional``}.
+``habit_plane``, ``habit_hkl``, ``habit_angle_deg``, ..., ``fractional``}; ``tracks``
+(as ``/tracks``, one entry per line). Top level also ``tracks``: per run id, every track
+(``track_id``, ``scans``, ``total_displacement_nm``, ``mean_speed_nm_s``,
+``mean_speed_xy_nm_s``, ``mean_velocity_nm_s``, ...) and ``track_clock``.
 """
 
 from __future__ import annotations
@@ -418,6 +429,16 @@ def reconstruct_particles_offline(args, scans, outdir: Path, summary: dict) -> l
     return written
 
 
+def _new_tracker():
+    """A LineTracker with the live daemon's tracking settings (DaemonConfig defaults)."""
+    from livestereo.compute.tracking import LineTracker
+    from livestereo.daemon.config import DaemonConfig
+
+    fields = DaemonConfig.model_fields
+    return LineTracker(max_distance_nm=fields["track_max_distance_nm"].default,
+                       z_weight=fields["track_z_weight"].default)
+
+
 def _load_pipeline():
     """The trained dislocation pipeline (lazy: only livestereo.inference imports torch)."""
     try:
@@ -430,9 +451,12 @@ def _load_pipeline():
     return DislocationPipeline.load()
 
 
-def write_scan(path: Path, vs: ViewSet, res, maps: dict, source: str) -> None:
-    """One scan's HDF5 results (layout in the module docstring)."""
+def write_scan(path: Path, vs: ViewSet, res, maps: dict, source: str, tracking: dict | None = None) -> None:
+    """One scan's HDF5 results (layout in the module docstring); ``tracking``: the
+    keyword arguments of write_tracks_hdf5 but the group (None: no ``/tracks``)."""
     import h5py
+
+    from livestereo.compute.tracking import write_tracks_hdf5
 
     from livestereo import __version__
 
@@ -449,6 +473,19 @@ def write_scan(path: Path, vs: ViewSet, res, maps: dict, source: str) -> None:
             if arr is not None:
                 m.create_dataset(key, data=arr, compression="gzip", compression_opts=1)
         m.attrs["frame"] = "view-0 scan coordinates (row, col); disparity in px along the baseline of views 0-1"
+        if tracking is not None:
+            write_tracks_hdf5(f, **tracking)
+
+
+def scan_mid_times(scans) -> dict[tuple[Any, int], float | None]:
+    """{(run id, scan): mid-time (s)} of accumulated scans on the acquisition clock,
+    (scan + 0.5) x positions x frame_time_s (back-to-back scans); None without a frame time
+    (offline, arrival times say nothing about the acquisition)."""
+    out = {}
+    for s in scans:
+        ft = s.calibration.frame_time_s
+        out[(getattr(s, "run_id", None), int(s.scan))] = (int(s.scan) + 0.5) * s.valid.size * float(ft) if ft else None
+    return out
 
 
 def _jsonable(x):
@@ -523,20 +560,40 @@ def run(args) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "scans": [],
     }
+    times = scan_mid_times(scans) if kind != "manifest" else {}
+    trackers: dict[Any, Any] = {}
     written = []
     for vs in vsets:
         res, maps, secs = process_viewset(pipeline, vs, line_params)
         h5 = outdir / f"scan_{vs.scan:04d}.h5"
-        write_scan(h5, vs, res, maps, str(src))
+        tracking = steps = None
+        if kind != "manifest":  # the scans of a run: an in-situ series
+            run_id = vs.metadata.get("run_id")
+            tracker = trackers.get(run_id) or trackers.setdefault(run_id, _new_tracker())
+            t = times.get((run_id, vs.scan))
+            # without an acquisition clock every scan gets time 0: no velocities, the rest stays
+            steps = tracker.update(vs.scan, 0.0 if t is None else t, [ln.points_nm for ln in res.lines],
+                                   [ln.closed for ln in res.lines])
+            line_ids = [res.lines[st.line_index].id for st in steps]
+            tracking = {"steps": steps, "line_ids": line_ids, "tracker": tracker, "time_s": t,
+                        "clock": "frames" if t is not None else "none"}
+        write_scan(h5, vs, res, maps, str(src), tracking)
         written.append(h5)
         entry = res.to_json_dict()
         entry["hdf5"] = h5.name
         entry["seconds"] = secs
+        if tracking is not None:
+            entry["tracks"] = [dict(st.to_json_dict(), line_id=int(lid)) for st, lid in zip(steps, tracking["line_ids"])]
         summary["scans"].append(entry)
         n_det = sum(1 for a in (res.analyses or []) if a.habit == "determined")
+        n_cont = sum(1 for st in steps or [] if st.status == "continued")
         print(f"scan {vs.scan}: {len(res.lines)} dislocation line(s)"
               + (f", {n_det} with a habit plane" if res.analyses is not None else "")
+              + (f", {n_cont} continuing a track" if steps is not None and vs.scan > 0 else "")
               + f" ({secs['inference']:.2f} s inference, {secs['lines']:.2f} s lines) -> {h5}")
+    if trackers:
+        summary["tracks"] = {str(run_id): tr.summary() for run_id, tr in trackers.items()}
+        summary["track_clock"] = "frames" if any(t is not None for t in times.values()) else "none"
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     sp = outdir / "summary.json"
     tmp = sp.with_suffix(".json.tmp")

@@ -419,3 +419,32 @@ class LineTracker:
     def summary(self) -> list[dict[str, Any]]:
         """Every track so far (ended ones too), as JSON-ready dicts."""
         return [t.to_json_dict() for t in sorted(self.tracks.values(), key=lambda t: t.id)]
+
+
+def write_tracks_hdf5(group, steps: Sequence[TrackStep], line_ids: Sequence[int], tracker: LineTracker,
+                      time_s: float | None, clock: str) -> None:
+    """Group ``tracks`` of a scan's results under ``group`` (an h5py group that holds the
+    scan's ``lines/NNNN``, each of which gets the attr ``track_id``): datasets ``line_id``,
+    ``track_id`` (L,) int64, ``status`` (L,) str, ``displacement_nm`` and ``velocity_nm_s``
+    (L, 3) float64 (NaN for new tracks, and velocities NaN without a clock), ``speed_nm_s``,
+    ``speed_xy_nm_s``, ``dt_s``, ``distance_nm`` (L,); attrs ``time_s``, ``clock``,
+    ``max_distance_nm``, ``z_weight``. ``line_ids[i]`` is the id of the line of ``steps[i]``."""
+    import h5py
+
+    for s, lid in zip(steps, line_ids):
+        group["lines"][f"{int(lid):04d}"].attrs["track_id"] = int(s.track_id)
+    t = group.create_group("tracks")
+    nan3 = np.full(3, np.nan)
+    t.create_dataset("line_id", data=np.asarray(line_ids, dtype=np.int64).reshape(-1))
+    t.create_dataset("track_id", data=np.array([s.track_id for s in steps], dtype=np.int64))
+    t.create_dataset("status", data=np.array([s.status for s in steps], dtype=h5py.string_dtype()))
+    for key in ("displacement_nm", "velocity_nm_s"):
+        rows = [getattr(s, key) if getattr(s, key) is not None else nan3 for s in steps]
+        t.create_dataset(key, data=np.array(rows, dtype=np.float64).reshape(-1, 3))
+    for key in ("speed_nm_s", "speed_xy_nm_s", "dt_s", "distance_nm"):
+        t.create_dataset(key, data=np.array([np.nan if getattr(s, key) is None else getattr(s, key) for s in steps],
+                                            dtype=np.float64))
+    t.attrs["time_s"] = float(time_s) if time_s is not None else np.nan
+    t.attrs["clock"] = clock or ""
+    t.attrs["max_distance_nm"] = tracker.max_distance_nm
+    t.attrs["z_weight"] = tracker.z_weight

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from livestereo.compute.tracking import LineTracker, TrackStep, warm_kernels
+from livestereo.compute.tracking import LineTracker, TrackStep, warm_kernels, write_tracks_hdf5
 from livestereo.config import ConfigError
 from livestereo.daemon.live import bin_max, binning_for, ids_of, MAX_IMAGE_SIDE
 from livestereo.daemon.products import ScanImages
@@ -313,25 +313,7 @@ class DislocationAnalysis:
                     m.create_dataset(key, data=arr, compression="gzip", compression_opts=1)
             m.attrs["frame"] = "view-0 scan coordinates (row, col); disparity in px along the baseline of views 0-1"
             steps = out.steps or []
-            lines = out.result.lines
-            for s in steps:
-                g["lines"][f"{lines[s.line_index].id:04d}"].attrs["track_id"] = int(s.track_id)
-            t = g.create_group("tracks")
-            nan3 = np.full(3, np.nan)
-            t.create_dataset("line_id", data=np.array([lines[s.line_index].id for s in steps], dtype=np.int64))
-            t.create_dataset("track_id", data=np.array([s.track_id for s in steps], dtype=np.int64))
-            t.create_dataset("status", data=np.array([s.status for s in steps], dtype=h5py.string_dtype()))
-            t.create_dataset("displacement_nm", data=np.array([s.displacement_nm if s.displacement_nm is not None else nan3
-                                                               for s in steps], dtype=np.float64).reshape(-1, 3))
-            t.create_dataset("velocity_nm_s", data=np.array([s.velocity_nm_s if s.velocity_nm_s is not None else nan3
-                                                             for s in steps], dtype=np.float64).reshape(-1, 3))
-            for key in ("speed_nm_s", "speed_xy_nm_s", "dt_s", "distance_nm"):
-                t.create_dataset(key, data=np.array([np.nan if getattr(s, key) is None else getattr(s, key) for s in steps],
-                                                    dtype=np.float64))
-            t.attrs["time_s"] = float(out.time_s) if out.time_s is not None else np.nan
-            t.attrs["clock"] = out.clock or ""
-            t.attrs["max_distance_nm"] = tr.max_distance_nm
-            t.attrs["z_weight"] = tr.z_weight
+            write_tracks_hdf5(g, steps, [out.result.lines[s.line_index].id for s in steps], tr, out.time_s, out.clock)
 
     def scan_summary(self, scan: ScanImages, out: DislocationOutcome) -> dict[str, Any]:
         return {"n_lines": len(out.result.lines), "time_s": out.time_s, "clock": out.clock, "seconds": out.seconds,
