@@ -385,3 +385,22 @@ def test_recording_scans_are_tracked_as_an_in_situ_series(tmp_path, fake_pipelin
             else:
                 assert t.attrs["clock"] == "none" and summary["track_clock"] == "none"
                 assert np.isnan(t["velocity_nm_s"][0]).all() and track["mean_speed_nm_s"] is None
+
+
+def test_several_runs_in_one_recording_get_a_folder_each(tmp_path, fake_pipeline, monkeypatch):
+    """Scan numbers restart with each run: the files of two runs must not overwrite each other,
+    and each run is tracked on its own."""
+    scans = [_fake_scan(0, meta={"thickness_nm": 150.0}), _fake_scan(1, meta={"thickness_nm": 150.0}),
+             _fake_scan(0, meta={"thickness_nm": 150.0})]
+    scans[2].run_id = "run/2"
+    monkeypatch.setitem(sys.modules, "livestereo.daemon.offline",
+                        types.SimpleNamespace(accumulate_file=lambda path, **kw: scans))
+    rec = tmp_path / "two.lsrec"
+    rec.write_bytes(b"")
+    out = tmp_path / "o"
+    assert main(["reconstruct", str(rec), "-o", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["hdf5"] for s in summary["scans"]] == ["run-1/scan_0000.h5", "run-1/scan_0001.h5", "run_2/scan_0000.h5"]
+    assert all((out / s["hdf5"]).is_file() for s in summary["scans"])
+    assert sorted(summary["tracks"]) == ["run-1", "run/2"]
+    assert summary["tracks"]["run-1"][0]["scans"] == [0, 1] and summary["tracks"]["run/2"][0]["scans"] == [0]

@@ -42,7 +42,8 @@ are tracked as an in-situ series with the live daemon's tracker and settings (``
 
 Results (in ``--output DIR``, default ``<INPUT stem>_reconstruct/`` next to INPUT)
 -----------------------------------------------------------------------------------
-``scan_NNNN.h5``, one per scan:
+``scan_NNNN.h5``, one per scan (in a subfolder per run id, named as the daemon names its
+run folders, when the input holds several runs):
 
 - root attrs: ``format`` = "livestereo.dislocations", ``format_version`` = 1, ``scan``,
   ``n_lines``, ``scan_step_nm``, ``thickness_nm`` (NaN if unknown), ``metadata`` (JSON),
@@ -80,7 +81,7 @@ Results (in ``--output DIR``, default ``<INPUT stem>_reconstruct/`` next to INPU
   "none" and the velocities are NaN (identities and displacements are still there).
 
 ``summary.json``: ``livestereo_version``, ``input``, ``input_kind`` (recording | array |
-manifest), ``created`` (ISO time), ``seconds`` and per scan: ``hdf5`` (file name),
+manifest), ``created`` (ISO time), ``seconds`` and per scan: ``hdf5`` (path in the folder),
 ``seconds`` (inference, lines), and the same content as the HDF5 file without the maps:
 ``scan``, ``n_lines``, ``scan_step_nm``, ``thickness_nm``, ``thetas_mrad``, ``material``,
 ``lattice``, ``orientation``, and ``lines``: ``id``, ``n_points``, ``length_nm``,
@@ -410,8 +411,8 @@ def reconstruct_particles_offline(args, scans, outdir: Path, summary: dict) -> l
         t0 = time.perf_counter()
         table = reconstruct_particles(s.images, s.valid, angles, s.calibration.scan_step_nm, params)
         secs = time.perf_counter() - t0
-        h5 = outdir / f"scan_{s.scan:04d}.h5"
-        csv_path = outdir / f"scan_{s.scan:04d}_particles.csv"
+        h5 = scan_file(outdir, scans, getattr(s, "run_id", None), s.scan)
+        csv_path = h5.with_name(h5.stem + "_particles.csv")
         import h5py
 
         with h5py.File(h5, "w") as f:
@@ -423,10 +424,22 @@ def reconstruct_particles_offline(args, scans, outdir: Path, summary: dict) -> l
             f.create_dataset("segment_angles_mrad", data=angles)
             write_particle_table(table, f.create_group("particles"), csv_path)
         written.append(h5)
-        summary["scans"].append({"scan": s.scan, "hdf5": h5.name, "csv": csv_path.name, "n_particles": len(table),
+        summary["scans"].append({"scan": s.scan, "hdf5": h5.relative_to(outdir).as_posix(),
+                                 "csv": csv_path.relative_to(outdir).as_posix(), "n_particles": len(table),
                                  "seconds": round(secs, 4), "segment_angles_mrad": angles.tolist()})
         print(f"scan {s.scan}: {len(table)} particle(s) in {secs:.2f} s -> {h5}, {csv_path}")
     return written
+
+
+def scan_file(outdir: Path, scans, run_id, scan: int, suffix: str = ".h5") -> Path:
+    """``outdir/scan_NNNN<suffix>``; in a subfolder per run (named as the daemon names it)
+    when the input holds several runs, whose scan numbers would collide."""
+    if len({getattr(s, "run_id", None) for s in scans}) > 1:
+        from livestereo.daemon.results import safe_name
+
+        outdir = outdir / safe_name(str(run_id))
+        outdir.mkdir(parents=True, exist_ok=True)
+    return outdir / f"scan_{int(scan):04d}{suffix}"
 
 
 def _new_tracker():
@@ -478,13 +491,18 @@ def write_scan(path: Path, vs: ViewSet, res, maps: dict, source: str, tracking: 
 
 
 def scan_mid_times(scans) -> dict[tuple[Any, int], float | None]:
-    """{(run id, scan): mid-time (s)} of accumulated scans on the acquisition clock,
-    (scan + 0.5) x positions x frame_time_s (back-to-back scans); None without a frame time
+    """{(run id, scan): mid-time (s)} of accumulated scans on the live daemon's "frames"
+    clock (back-to-back scans of frame_time_s per position); None without a frame time
     (offline, arrival times say nothing about the acquisition)."""
-    out = {}
+    from livestereo.inference.live import scan_time
+
+    out: dict[tuple[Any, int], float | None] = {}
     for s in scans:
-        ft = s.calibration.frame_time_s
-        out[(getattr(s, "run_id", None), int(s.scan))] = (int(s.scan) + 0.5) * s.valid.size * float(ft) if ft else None
+        try:
+            t, _ = scan_time(s, "frames")
+        except ValueError:  # no frame_time_s in the calibration
+            t = None
+        out[(getattr(s, "run_id", None), int(s.scan))] = t
     return out
 
 
@@ -565,11 +583,14 @@ def run(args) -> int:
     written = []
     for vs in vsets:
         res, maps, secs = process_viewset(pipeline, vs, line_params)
-        h5 = outdir / f"scan_{vs.scan:04d}.h5"
+        h5 = scan_file(outdir, scans, vs.metadata.get("run_id"), vs.scan) if kind != "manifest" \
+            else outdir / f"scan_{vs.scan:04d}.h5"
         tracking = steps = None
         if kind != "manifest":  # the scans of a run: an in-situ series
             run_id = vs.metadata.get("run_id")
-            tracker = trackers.get(run_id) or trackers.setdefault(run_id, _new_tracker())
+            if run_id not in trackers:
+                trackers[run_id] = _new_tracker()
+            tracker = trackers[run_id]
             t = times.get((run_id, vs.scan))
             # without an acquisition clock every scan gets time 0: no velocities, the rest stays
             steps = tracker.update(vs.scan, 0.0 if t is None else t, [ln.points_nm for ln in res.lines],
@@ -580,7 +601,7 @@ def run(args) -> int:
         write_scan(h5, vs, res, maps, str(src), tracking)
         written.append(h5)
         entry = res.to_json_dict()
-        entry["hdf5"] = h5.name
+        entry["hdf5"] = h5.relative_to(outdir).as_posix()
         entry["seconds"] = secs
         if tracking is not None:
             entry["tracks"] = [dict(st.to_json_dict(), line_id=int(lid)) for st, lid in zip(steps, tracking["line_ids"])]
