@@ -330,7 +330,7 @@ def test_array_input_with_real_accumulation(tmp_path, fake_pipeline):
     assert math.isclose(cents[0][0], -cents[1][0], abs_tol=1e-6)
 
 
-def test_recording_scans_are_tracked_as_an_in_situ_series(tmp_path, fake_pipeline, monkeypatch):
+def test_recording_scans_are_tracked_as_an_in_situ_series(tmp_path, fake_pipeline, monkeypatch, capsys):
     """The scans of a recording's run are tracked with the live daemon's settings: stable
     track ids, displacement, and velocities on the acquisition clock (frame_time_s); without
     a frame time the identities and displacements stay, the velocities are NaN."""
@@ -367,8 +367,10 @@ def test_recording_scans_are_tracked_as_an_in_situ_series(tmp_path, fake_pipelin
                             types.SimpleNamespace(accumulate_file=lambda path, _s=scans, **kw: _s))
         out = tmp_path / f"o{frame_time_s}"
         assert main(["reconstruct", str(rec), "-o", str(out)]) == 0
+        printed = capsys.readouterr().out
         summary = json.loads((out / "summary.json").read_text())
         (track,) = summary["tracks"]["run-1"]
+        assert f"track {track['track_id']}: scans 0-2, " + ("in-plane" if frame_time_s else "displacement (x, y, z)") in printed
         assert track["scans"] == [0, 1, 2]
         np.testing.assert_allclose(track["total_displacement_nm"], np.sum(true_disp, axis=0), atol=0.3)
         steps = [s["tracks"] for s in summary["scans"]]

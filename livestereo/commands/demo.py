@@ -108,6 +108,8 @@ def run(args) -> int:
 
 def _print_tracks(daemon) -> None:
     """The in-situ summary: each tracked dislocation's scans and mean speed."""
+    from livestereo.commands._common import track_summary_lines
+
     for analysis in getattr(daemon, "analyses", []):
         summary_of = getattr(analysis, "run_summary", None)
         if summary_of is None:
@@ -116,10 +118,4 @@ def _print_tracks(daemon) -> None:
             summary = summary_of(run.get("run_id"))
             if not summary or not summary.get("tracks"):
                 continue
-            print(f"  dislocations tracked in run {run.get('run_id')} (mean speed per scan step; the 3D one "
-                  f"carries the depth error of the lines, the in-plane one does not):")
-            for t in summary["tracks"]:
-                speed, speed_xy = t.get("mean_speed_nm_s"), t.get("mean_speed_xy_nm_s")
-                speed_txt = (f"in-plane {speed_xy:.1f} nm/s, 3D {speed:.1f} nm/s" if speed is not None
-                             else "seen once")
-                print(f"    track {t['track_id']}: scans {t['first_scan']}-{t['last_scan']}, {speed_txt}")
+            print("\n".join(track_summary_lines(run.get("run_id"), summary["tracks"])))

@@ -107,7 +107,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from livestereo.commands._common import add_set_argument, parse_set_values
+from livestereo.commands._common import add_set_argument, parse_set_values, track_summary_lines
 from livestereo.config import ConfigError
 from livestereo.inference.analysis import ViewSet, crystal_from, meta_get as _meta_get, process_viewset  # noqa: F401
 
@@ -615,6 +615,9 @@ def run(args) -> int:
     if trackers:
         summary["tracks"] = {str(run_id): tr.summary() for run_id, tr in trackers.items()}
         summary["track_clock"] = "frames" if any(t is not None for t in times.values()) else "none"
+        if len(vsets) > 1:
+            for run_id, tracks in summary["tracks"].items():
+                print("\n".join(track_summary_lines(run_id, tracks)))
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     sp = outdir / "summary.json"
     tmp = sp.with_suffix(".json.tmp")
