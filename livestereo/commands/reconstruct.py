@@ -535,7 +535,7 @@ def run(args) -> int:
     src = args.input
     t_start = time.perf_counter()
     if src.suffix.lower() == ".toml":
-        kind = "manifest"
+        kind, scans = "manifest", []  # one scan of view images: no run, nothing to track
         orient = _orientation_from_args(args)
         vsets = [load_manifest(src, material=args.material, orientation=orient)]
         if args.thickness_nm is not None:
@@ -578,13 +578,14 @@ def run(args) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "scans": [],
     }
-    times = scan_mid_times(scans) if kind != "manifest" else {}
+    from livestereo.compute.tracking import steps_json
+
+    times = scan_mid_times(scans)
     trackers: dict[Any, Any] = {}
     written = []
     for vs in vsets:
         res, maps, secs = process_viewset(pipeline, vs, line_params)
-        h5 = scan_file(outdir, scans, vs.metadata.get("run_id"), vs.scan) if kind != "manifest" \
-            else outdir / f"scan_{vs.scan:04d}.h5"
+        h5 = scan_file(outdir, scans, vs.metadata.get("run_id"), vs.scan)
         tracking = steps = None
         if kind != "manifest":  # the scans of a run: an in-situ series
             run_id = vs.metadata.get("run_id")
@@ -595,8 +596,7 @@ def run(args) -> int:
             # without an acquisition clock every scan gets time 0: no velocities, the rest stays
             steps = tracker.update(vs.scan, 0.0 if t is None else t, [ln.points_nm for ln in res.lines],
                                    [ln.closed for ln in res.lines])
-            line_ids = [res.lines[st.line_index].id for st in steps]
-            tracking = {"steps": steps, "line_ids": line_ids, "tracker": tracker, "time_s": t,
+            tracking = {"steps": steps, "lines": res.lines, "tracker": tracker, "time_s": t,
                         "clock": "frames" if t is not None else "none"}
         write_scan(h5, vs, res, maps, str(src), tracking)
         written.append(h5)
@@ -604,7 +604,7 @@ def run(args) -> int:
         entry["hdf5"] = h5.relative_to(outdir).as_posix()
         entry["seconds"] = secs
         if tracking is not None:
-            entry["tracks"] = [dict(st.to_json_dict(), line_id=int(lid)) for st, lid in zip(steps, tracking["line_ids"])]
+            entry["tracks"] = steps_json(steps, res.lines)
         summary["scans"].append(entry)
         n_det = sum(1 for a in (res.analyses or []) if a.habit == "determined")
         n_cont = sum(1 for st in steps or [] if st.status == "continued")

@@ -421,18 +421,25 @@ class LineTracker:
         return [t.to_json_dict() for t in sorted(self.tracks.values(), key=lambda t: t.id)]
 
 
-def write_tracks_hdf5(group, steps: Sequence[TrackStep], line_ids: Sequence[int], tracker: LineTracker,
+def steps_json(steps: Sequence[TrackStep], lines: Sequence[Any]) -> list[dict[str, Any]]:
+    """The JSON entries of one scan's track steps, each with the ``line_id`` of its line
+    (``lines``: the curves given to :meth:`LineTracker.update`, objects with an ``id``)."""
+    return [dict(s.to_json_dict(), line_id=int(lines[s.line_index].id)) for s in steps]
+
+
+def write_tracks_hdf5(group, steps: Sequence[TrackStep], lines: Sequence[Any], tracker: LineTracker,
                       time_s: float | None, clock: str) -> None:
     """Group ``tracks`` of a scan's results under ``group`` (an h5py group that holds the
     scan's ``lines/NNNN``, each of which gets the attr ``track_id``): datasets ``line_id``,
     ``track_id`` (L,) int64, ``status`` (L,) str, ``displacement_nm`` and ``velocity_nm_s``
     (L, 3) float64 (NaN for new tracks, and velocities NaN without a clock), ``speed_nm_s``,
     ``speed_xy_nm_s``, ``dt_s``, ``distance_nm`` (L,); attrs ``time_s``, ``clock``,
-    ``max_distance_nm``, ``z_weight``. ``line_ids[i]`` is the id of the line of ``steps[i]``."""
+    ``max_distance_nm``, ``z_weight``. ``lines``: as for :func:`steps_json`."""
     import h5py
 
+    line_ids = [int(lines[s.line_index].id) for s in steps]
     for s, lid in zip(steps, line_ids):
-        group["lines"][f"{int(lid):04d}"].attrs["track_id"] = int(s.track_id)
+        group["lines"][f"{lid:04d}"].attrs["track_id"] = int(s.track_id)
     t = group.create_group("tracks")
     nan3 = np.full(3, np.nan)
     t.create_dataset("line_id", data=np.asarray(line_ids, dtype=np.int64).reshape(-1))

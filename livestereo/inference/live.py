@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from livestereo.compute.tracking import LineTracker, TrackStep, warm_kernels, write_tracks_hdf5
+from livestereo.compute.tracking import LineTracker, TrackStep, steps_json, warm_kernels, write_tracks_hdf5
 from livestereo.config import ConfigError
 from livestereo.daemon.live import bin_max, binning_for, ids_of, MAX_IMAGE_SIDE
 from livestereo.daemon.products import ScanImages
@@ -313,11 +313,11 @@ class DislocationAnalysis:
                     m.create_dataset(key, data=arr, compression="gzip", compression_opts=1)
             m.attrs["frame"] = "view-0 scan coordinates (row, col); disparity in px along the baseline of views 0-1"
             steps = out.steps or []
-            write_tracks_hdf5(g, steps, [out.result.lines[s.line_index].id for s in steps], tr, out.time_s, out.clock)
+            write_tracks_hdf5(g, steps, out.result.lines, tr, out.time_s, out.clock)
 
     def scan_summary(self, scan: ScanImages, out: DislocationOutcome) -> dict[str, Any]:
         return {"n_lines": len(out.result.lines), "time_s": out.time_s, "clock": out.clock, "seconds": out.seconds,
-                "tracks": [dict(s.to_json_dict(), line_id=int(out.result.lines[s.line_index].id)) for s in (out.steps or [])]}
+                "tracks": steps_json(out.steps or [], out.result.lines)}
 
     def run_summary(self, run_id: str) -> dict[str, Any] | None:
         tr = self.trackers.get(run_id)
