@@ -15,6 +15,7 @@ import pytest
 import zmq
 
 from livestereo.daemon.results import scan_path
+from livestereo.daemon.worker import Retry
 from livestereo.protocol.live import decode_live
 from livestereo.protocol.messages import EndMessage
 from tests.conftest import frames_parts
@@ -260,5 +261,13 @@ def test_live_snapshot_gives_up_when_a_scan_finishes(tmp_path):
     snap = ScanImages("r", 0, 5, np.random.default_rng(0).random((2, *shape)) * valid, valid, lay,
                       Calibration(convergence_semiangle_mrad=30.0, scan_step_nm=1.0), {}, False, False, {})
     assert ana.applies(snap)
-    assert ana.analyse(snap) is None
+    with pytest.raises(Retry):  # the worker tries it again unless a newer snapshot comes
+        ana.analyse(snap)
     assert ana.pipeline.calls == [True] and ana.live_skipped_for_final == 1
+    ana._finals_running = 1  # while a finished scan is reconstructed: wait, without starting
+    with pytest.raises(Retry):
+        ana.analyse(snap)
+    assert ana.pipeline.calls == [True] and ana.live_skipped_for_final == 2
+    ana._finals_running = 0
+    ana._final_scans["r"] = 0  # this scan's own final has begun: its partial view is stale
+    assert ana.analyse(snap) is None and ana.pipeline.calls == [True]

@@ -136,11 +136,12 @@ class Daemon:
         self.writer.queue.put(("run", summary))
 
     def analysis_counters(self) -> dict[str, dict]:
-        """Per analysis: done, skipped, errors, last_latency_s (live) and final_errors."""
+        """Per analysis: done, skipped, deferred (tried again later, see worker.Retry), errors,
+        last_latency_s (live), available and error."""
         out = {}
         for a in self.analyses:
             w = self._worker_of[a.name]
-            out[a.name] = {"done": w.done, "skipped": w.skipped, "errors": w.errors,
+            out[a.name] = {"done": w.done, "skipped": w.skipped, "deferred": w.deferred, "errors": w.errors,
                            "last_latency_s": round(w.latest[2], 4) if w.latest is not None else None,
                            "available": getattr(a, "available", True), "error": getattr(a, "error", None)}
         return out

@@ -21,16 +21,30 @@ class Latest(Generic[T]):
         self._item: T | None = None
         self._version = 0
         self._closed = False
+        self._restored = False
         self.replaced = 0
         """Items overwritten before anyone took them (skipped as stale)."""
 
     def put(self, item: T) -> None:
         with self._cond:
-            if self._item is not None:
+            if self._item is not None and not self._restored:
                 self.replaced += 1
             self._item = item
+            self._restored = False
             self._version += 1
             self._cond.notify_all()
+
+    def restore(self, item: T) -> bool:
+        """Put back an item that was taken but could not be used yet, unless a newer one
+        has arrived meanwhile (then that one wins and this returns False). A restored item
+        replaced later is not counted in ``replaced`` again."""
+        with self._cond:
+            if self._item is not None or self._closed:
+                return False
+            self._item = item
+            self._restored = True
+            self._cond.notify_all()
+            return True
 
     def get(self, timeout: float | None = None) -> T | None:
         """The newest item not yet taken, waiting up to ``timeout`` s; None on timeout or close."""

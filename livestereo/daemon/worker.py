@@ -14,17 +14,25 @@ from livestereo.priority import lower_thread_priority
 log = logging.getLogger("livestereo.worker")
 
 
+class Retry(Exception):
+    """Raised by an ``analyse`` that cannot take this snapshot now (its CPU is given to a
+    finished scan, say): the worker puts the snapshot back, unless a newer one has arrived,
+    and tries again after ``retry_s``. So the newest snapshot is analysed even when the
+    stream stops right after it."""
+
+
 class LatestWorker(threading.Thread):
     """Runs ``analyse(snapshot)`` on the newest item of its own ``slot``.
 
     ``latest`` holds (snapshot, result, latency_s) of the last analysis; ``done`` counts
     analyses, ``skipped`` the snapshots replaced before they could be analysed, ``errors``
-    the analyses that raised (logged, never fatal).
+    the analyses that raised (logged, never fatal), ``deferred`` the times ``analyse``
+    raised :class:`Retry`.
     """
 
     def __init__(self, name: str, analyse: Callable[[ScanImages], Any], *, accept: Callable[[ScanImages], bool] | None = None,
                  on_result: Callable[[ScanImages, Any, float], None] | None = None,
-                 min_interval_s: float = 0.0, niceness: int = 0, idle: bool = False):
+                 min_interval_s: float = 0.0, niceness: int = 0, idle: bool = False, retry_s: float = 0.1):
         super().__init__(name=f"livestereo-{name}", daemon=True)
         self.slot: Latest[ScanImages] = Latest()
         self.analyse = analyse
@@ -32,6 +40,8 @@ class LatestWorker(threading.Thread):
         self.on_result = on_result
         self.min_interval_s = float(min_interval_s)
         """Least time between the starts of two analyses (s): caps the CPU the worker takes."""
+        self.retry_s = float(retry_s)
+        """Wait (s) before a snapshot whose analysis raised :class:`Retry` is tried again."""
         self.niceness = int(niceness)
         """Added to this thread's nice value (Linux): ingest keeps priority on a busy machine."""
         self.idle = bool(idle)
@@ -41,6 +51,7 @@ class LatestWorker(threading.Thread):
         self.latest: tuple[ScanImages, Any, float] | None = None
         self.done = 0
         self.errors = 0
+        self.deferred = 0
         self._halt = threading.Event()
 
     @property
@@ -69,6 +80,12 @@ class LatestWorker(threading.Thread):
             t0 = last_start = time.perf_counter()
             try:
                 result = self.analyse(snap)
+            except Retry:
+                self.deferred += 1
+                self.slot.restore(snap)
+                if self._halt.wait(self.retry_s):
+                    return
+                continue
             except Exception as exc:  # bad data must not kill the worker or the daemon
                 self.errors += 1
                 if self.errors <= 5:

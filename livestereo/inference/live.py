@@ -40,6 +40,7 @@ from livestereo.compute.tracking import LineTracker, TrackStep, steps_json, warm
 from livestereo.config import ConfigError
 from livestereo.daemon.live import bin_max, binning_for, ids_of, MAX_IMAGE_SIDE
 from livestereo.daemon.products import ScanImages
+from livestereo.daemon.worker import Retry
 from livestereo.inference.analysis import Cancelled, ViewSet, crystal_from, meta_get, process_viewset
 
 log = logging.getLogger("livestereo.dislocations")
@@ -125,6 +126,7 @@ class DislocationAnalysis:
         self._finals_running = 0            # finished scans being analysed: live snapshots wait
         self._finals_started = 0            # a live snapshot's analysis gives up when this moves
         self.live_skipped_for_final = 0
+        self._final_scans: dict[str, int] = {}  # run id -> the last scan whose final analysis began
         self._crystal: dict[str, tuple[Any, Any]] = {}
         self._warned: set[tuple[str, str]] = set()
         self.trackers: dict[str, LineTracker] = {}
@@ -236,12 +238,16 @@ class DislocationAnalysis:
 
     # ------------------------------------------------------------------ live
     def analyse(self, snap: ScanImages) -> DislocationOutcome | None:
-        """Rolling inference on a snapshot (None when too few rows are filled yet)."""
+        """Rolling inference on a snapshot (None when too few rows are filled yet, or when the
+        scan's final analysis has begun). Raises :class:`Retry` while a finished scan is being
+        reconstructed: the worker tries this snapshot again unless a newer one comes."""
+        if snap.scan <= self._final_scans.get(snap.run_id, -1):
+            return None  # the finished scan's own result supersedes this partial view
         if self._finals_running:
             # a finished scan is being reconstructed: its latency matters more than this
             # partial view of the next scan, so leave it the CPU
             self.live_skipped_for_final += 1
-            return None
+            raise Retry()
         rows = int(np.count_nonzero(np.asarray(snap.valid).any(axis=1)))
         if rows < min(self.min_rows, snap.valid.shape[0]):
             return None
@@ -252,7 +258,7 @@ class DislocationAnalysis:
             vs, res, maps, secs = self._process(snap, lambda: self._finals_started != started)
         except Cancelled:
             self.live_skipped_for_final += 1
-            return None
+            raise Retry() from None
         curves = [ln.points_nm for ln in res.lines]
         tr = self.tracker(snap.run_id)
         with self._run_lock:
@@ -273,6 +279,7 @@ class DislocationAnalysis:
         with self._run_lock:
             self._finals_running += 1
             self._finals_started += 1
+            self._final_scans[scan.run_id] = max(scan.scan, self._final_scans.get(scan.run_id, -1))
         try:
             vs, res, maps, secs = self._process(scan)
         finally:
