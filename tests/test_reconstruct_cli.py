@@ -350,7 +350,7 @@ def test_recording_scans_are_tracked_as_an_in_situ_series(tmp_path, fake_pipelin
     # perpendicular to the line, so less than the shift where the curve runs along y)
     from livestereo.compute.tracking import LineTracker
 
-    ref = LineTracker(max_distance_nm=15.0, z_weight=0.5)
+    ref = LineTracker(max_distance_nm=8.0, z_weight=0.1)
     true_disp = [ref.update(s, float(s), [base[::10] + s * shift])[0].displacement_nm for s in range(3)][1:]
     meta = {"sample": {"thickness_nm": 180.0}}
     rec = tmp_path / "run.lsrec"

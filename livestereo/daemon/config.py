@@ -151,11 +151,14 @@ class DaemonConfig(BaseModel):
                 raise ValueError(str(exc)) from None
         return v
 
-    track_max_distance_nm: float = Field(default=15.0, gt=0)
-    """In-situ tracking gate: a line farther than this from a track never continues it (nm)."""
+    track_max_distance_nm: float = Field(default=8.0, gt=0)
+    """In-situ tracking gate: a line farther than this from a track never continues it (nm).
+    Set it to about the largest motion expected between two scans plus ~2 nm: a wider gate
+    lets a track whose line was missed in a scan take a neighbouring dislocation's line."""
 
-    track_z_weight: float = Field(default=0.5, ge=0)
-    """Weight of depth in the tracking distance (depth is the least precise coordinate)."""
+    track_z_weight: float = Field(default=0.1, ge=0)
+    """Weight of depth in the tracking distance: at stereo angles of 1-7 deg the depth of a
+    line is some 5-30x less precise than its position in the image (tools/eval_tracking.py)."""
 
     track_clock: Literal["auto", "frames", "wall"] = "auto"
     """Scan times for velocities: "frames" = scan number x positions x calibration frame_time_s

@@ -102,7 +102,7 @@ class DislocationAnalysis:
 
     def __init__(self, output_dir: Path, *, thickness_nm: float | None = None, material: str | None = None,
                  threads: int = 1, detector_weights: Path | None = None, stereo_weights: Path | None = None,
-                 track_max_distance_nm: float = 15.0, track_z_weight: float = 0.5, track_clock: str = "auto",
+                 track_max_distance_nm: float = 8.0, track_z_weight: float = 0.1, track_clock: str = "auto",
                  line_params=None, pipeline=None, min_rows: int = 8, min_interval_s: float = 0.0,
                  detector_precision: str = "auto", volume_precision: str = "auto"):
         self.output_dir = Path(output_dir)

@@ -1,0 +1,200 @@
+"""Benchmark of in-situ tracking against the simulator's truth (not a test).
+
+    .venv/bin/python tools/eval_tracking.py                  # 4 series of 8 scans, ~6 min on 2 cores
+    .venv/bin/python tools/eval_tracking.py --seeds 7 --scans 6
+
+For each seed it simulates the in-situ series of ``configs/sim_tial_insitu.toml`` (gliding
+dislocations, drift, scan jitter; ``--set seed=S --set repeat=N``) as a recording with its
+ground truth (``livestereo simulate --record --truth``), runs ``livestereo reconstruct`` on
+the recording (the live daemon's tracker and settings: its tracks equal the live daemon's),
+and compares every continued track step with the truth:
+
+- each reconstructed line lies on the true dislocations whose curves are within
+  ``--max-distance-nm`` (median distance of its points) in projection (x, y: which
+  dislocation a line is does not depend on its depth error, several nm at this series' 2 deg
+  stereo angle); several where true curves overlap in projection, none for a false line;
+- identity: a continued step is an identity switch when its line and the track's previous
+  line lie on no common true dislocation;
+- velocity (steps whose two lines lie on one common dislocation, the nearest one): the true
+  velocity of a dislocation from scan s-1 to s is the tracker's own
+  displacement measure (mean perpendicular motion, LineTracker) between its two true
+  curves, over the same scan mid-times; it includes the drift, as the reconstruction does.
+  Printed: median true speed, median |error| of the in-plane (x, y) velocity and of the z
+  velocity (nm/s), and the in-plane error relative to the true in-plane speed.
+
+Simulated data and results go to a temporary folder (``--keep DIR`` to keep them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from livestereo.compute.tracking import LineTracker  # noqa: E402
+
+SIM_CONFIG = ROOT / "configs" / "sim_tial_insitu.toml"
+
+
+def _cli(*args: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "livestereo", *args], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"livestereo {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+
+
+def simulate_and_reconstruct(seed: int, scans: int, work: Path) -> tuple[Path, Path]:
+    """(truth file, results folder) of one simulated series."""
+    rec, truth, res = work / f"series_{seed}.lsrec", work / f"truth_{seed}.h5", work / f"results_{seed}"
+    _cli("simulate", "--config", str(SIM_CONFIG), "--set", f"seed={seed}", "--set", f"repeat={scans}",
+         "--run-id", f"eval-{seed}", "--record", str(rec), "--truth", str(truth))
+    _cli("reconstruct", str(rec), "-o", str(res))
+    return truth, res
+
+
+def read_truth(path: Path) -> list[dict[int, np.ndarray]]:
+    """Per scan {dislocation id: (n, 3) curve x, y, z, nm}."""
+    with h5py.File(path, "r") as f:
+        names = sorted(k for k in f if k.startswith("scan_"))
+        curves = [{int(k): np.asarray(v[()], np.float64) for k, v in f[n]["curves"].items()} for n in names]
+    return curves
+
+
+def read_results(folder: Path) -> list[dict]:
+    """Per scan: ``lines`` {line id: points (n, 3) nm}, ``time_s``, and the /tracks datasets."""
+    out = []
+    for path in sorted(folder.glob("scan_*.h5")):
+        with h5py.File(path, "r") as f:
+            t = f["tracks"]
+            out.append({
+                "lines": {int(k): np.asarray(g["points_nm"][()]) for k, g in f["lines"].items()},
+                "time_s": float(t.attrs["time_s"]),
+                "line_id": t["line_id"][()].astype(int), "track_id": t["track_id"][()].astype(int),
+                "status": [s.decode() if isinstance(s, bytes) else str(s) for s in t["status"][()]],
+                "velocity": t["velocity_nm_s"][()],
+            })
+    return out
+
+
+def median_distance(points: np.ndarray, curve: np.ndarray) -> float:
+    """Median over ``points`` (n, d) of the distance to the nearest vertex of ``curve`` (m, d)
+    resampled at 0.25 nm (nm)."""
+    seg = np.diff(curve, axis=0)
+    n = np.maximum(1, np.ceil(np.linalg.norm(seg, axis=1) / 0.25).astype(int))
+    dense = np.concatenate([curve[:-1][i] + seg[i] * (np.arange(n[i])[:, None] / n[i]) for i in range(len(seg))]
+                           + [curve[-1:]])
+    d = np.sqrt(((points[:, None, :] - dense[None, :, :]) ** 2).sum(-1)).min(axis=1)
+    return float(np.median(d))
+
+
+def true_velocity(old: np.ndarray, new: np.ndarray, dt: float) -> np.ndarray | None:
+    """(3,) nm/s: the tracker's displacement measure between two true curves of one dislocation."""
+    tr = LineTracker(max_distance_nm=1e9, z_weight=1.0)
+    tr.update(0, 0.0, [old])
+    step = tr.update(1, dt, [new])[0]
+    return None if step.velocity_nm_s is None else np.asarray(step.velocity_nm_s, float)
+
+
+def evaluate_series(truth_path: Path, results: Path, max_distance_nm: float) -> dict:
+    curves = read_truth(truth_path)
+    scans = read_results(results)
+    if len(scans) != len(curves):
+        raise RuntimeError(f"{results}: {len(scans)} scans reconstructed, the truth has {len(curves)}")
+    # per scan: line id -> the true dislocation ids it lies on, nearest first
+    on: list[dict[int, list[int]]] = []
+    for s, sc in enumerate(scans):
+        a = {}
+        for lid, pts in sc["lines"].items():
+            d = {k: median_distance(pts[:, :2], c[:, :2]) for k, c in curves[s].items()}
+            a[lid] = sorted((k for k in d if d[k] <= max_distance_nm), key=d.get)
+        on.append(a)
+    last_of_track: dict[int, list[int]] = {}
+    rows, switches, continued, unmatched = [], 0, 0, 0
+    for s, sc in enumerate(scans):
+        for lid, tid, status, vel in zip(sc["line_id"], sc["track_id"], sc["status"], sc["velocity"]):
+            now = on[s].get(int(lid), [])
+            prev = last_of_track.get(int(tid), [])
+            last_of_track[int(tid)] = now
+            if status != "continued":
+                continue
+            continued += 1
+            if not now or not prev:
+                unmatched += 1
+                continue
+            common = [k for k in now if k in prev]
+            if not common:
+                switches += 1
+                continue
+            k = common[0]
+            if k not in curves[s - 1] or not np.all(np.isfinite(vel)):
+                continue
+            v_true = true_velocity(curves[s - 1][k], curves[s][k], sc["time_s"] - scans[s - 1]["time_s"])
+            if v_true is not None:
+                rows.append((np.asarray(vel, float), v_true))
+    est = np.array([r[0] for r in rows]).reshape(-1, 3)
+    tru = np.array([r[1] for r in rows]).reshape(-1, 3)
+    return {"scans": len(scans), "continued": continued, "switches": switches, "unmatched": unmatched,
+            "est": est, "true": tru}
+
+
+def _fmt(name: str, r: dict) -> str:
+    est, tru = r["est"], r["true"]
+    if len(est) == 0:
+        return f"{name:>12}  {r['scans']:>5}  {r['continued']:>9}  {r['switches']:>8}  {r['unmatched']:>9}  (no steps to compare)"
+    err = est - tru
+    sp_xy = np.linalg.norm(tru[:, :2], axis=1)
+    e_xy = np.linalg.norm(err[:, :2], axis=1)
+    return (f"{name:>12}  {r['scans']:>5}  {r['continued']:>9}  {r['switches']:>8}  {r['unmatched']:>9}  {len(est):>8}  "
+            f"{np.median(np.linalg.norm(tru, axis=1)):>10.2f}  {np.median(sp_xy):>9.2f}  {np.median(e_xy):>10.2f}  "
+            f"{np.median(np.abs(err[:, 2])):>9.2f}  {np.median(e_xy / np.maximum(sp_xy, 1e-9)):>11.2f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[7, 11, 12, 13],
+                    help="simulator seeds, one series each (7: the demo's series)")
+    ap.add_argument("--scans", type=int, default=8, help="scans per series")
+    ap.add_argument("--max-distance-nm", type=float, default=3.0,
+                    help="a line farther than this (median, in projection) from every true curve is unmatched")
+    ap.add_argument("--keep", type=Path, default=None, help="keep recordings, truth and results here")
+    args = ap.parse_args(argv)
+    if args.scans < 2:
+        ap.error("--scans must be >= 2 (tracking needs two scans)")
+    t0 = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for seed in args.seeds:
+            truth, res = simulate_and_reconstruct(seed, args.scans, work)
+            results[seed] = evaluate_series(truth, res, args.max_distance_nm)
+            print(f"seed {seed}: done after {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"\nin-situ tracking vs truth ({SIM_CONFIG.name}, {args.scans} scans per series; velocities nm/s)")
+    print(f"{'series':>12}  {'scans':>5}  {'continued':>9}  {'switches':>8}  {'unmatched':>9}  {'compared':>8}  "
+          f"{'true speed':>10}  {'true xy':>9}  {'|err xy|':>10}  {'|err z|':>9}  {'err xy/true':>11}")
+    for seed, r in results.items():
+        print(_fmt(f"seed {seed}", r))
+    if len(results) > 1:
+        allr = {"scans": sum(r["scans"] for r in results.values()),
+                "continued": sum(r["continued"] for r in results.values()),
+                "switches": sum(r["switches"] for r in results.values()),
+                "unmatched": sum(r["unmatched"] for r in results.values()),
+                "est": np.concatenate([r["est"] for r in results.values()]),
+                "true": np.concatenate([r["true"] for r in results.values()])}
+        print(_fmt("all", allr))
+    print("\n(medians over the compared steps; switches: continued steps whose line lies on another true "
+          "dislocation than the track's previous line; unmatched: a line of the step lies on no true curve)")
+    print(f"eval wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
