@@ -143,6 +143,7 @@ def test_live_series_stream_layout_tracks_and_files(harness, series, tmp_path):
     later = [ln for s in range(1, SCANS) for ln in finals[s].data["lines"] if ln["speed_nm_s"] is not None]
     assert len(later) >= 3, "no line was followed from one scan to the next"
     assert all(len(ln["velocity_nm_s"]) == 3 for ln in later)
+    assert all(ln["velocity_sigma_z_nm_s"] is not None and ln["velocity_sigma_z_nm_s"] > 0 for ln in later)
 
     # scan_done and status
     done = by["scan_done"]

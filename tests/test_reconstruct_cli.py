@@ -350,7 +350,7 @@ def test_recording_scans_are_tracked_as_an_in_situ_series(tmp_path, fake_pipelin
     # perpendicular to the line, so less than the shift where the curve runs along y)
     from livestereo.compute.tracking import LineTracker
 
-    ref = LineTracker(max_distance_nm=8.0, z_weight=0.1)
+    ref = LineTracker(max_distance_nm=8.0, z_weight=0.25)
     true_disp = [ref.update(s, float(s), [base[::10] + s * shift])[0].displacement_nm for s in range(3)][1:]
     meta = {"sample": {"thickness_nm": 180.0}}
     rec = tmp_path / "run.lsrec"
@@ -384,9 +384,27 @@ def test_recording_scans_are_tracked_as_an_in_situ_series(tmp_path, fake_pipelin
                 assert t.attrs["clock"] == "frames" and summary["track_clock"] == "frames"
                 assert t["dt_s"][0] == pytest.approx(dt)
                 np.testing.assert_allclose(t["velocity_nm_s"][0], true_disp[1] / dt, atol=0.3 / dt)
+                with h5py.File(out / "scan_0001.h5") as f1:
+                    s_old = np.nanmedian(f1["lines/0000/sigma_z_nm"][()])
+                s_new = np.nanmedian(f["lines/0000/sigma_z_nm"][()])
+                assert np.isfinite(s_old) and np.isfinite(s_new)
+                assert t["velocity_sigma_z_nm_s"][0] == pytest.approx(np.hypot(s_old, s_new) / dt)
             else:
                 assert t.attrs["clock"] == "none" and summary["track_clock"] == "none"
                 assert np.isnan(t["velocity_nm_s"][0]).all() and track["mean_speed_nm_s"] is None
+    # the tracking settings can be given: a gate below the 2 nm steps continues nothing
+    out = tmp_path / "gate"
+    assert main(["reconstruct", str(rec), "-o", str(out), "--set", "track.max_distance_nm=0.5",
+                 "--set", "track.z_weight=1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["tracks"][0]["status"] for s in summary["scans"]] == ["new", "new", "new"]
+    with h5py.File(out / "scan_0002.h5") as f:
+        assert f["tracks"].attrs["max_distance_nm"] == 0.5 and f["tracks"].attrs["z_weight"] == 1.0
+    capsys.readouterr()
+    assert main(["reconstruct", str(rec), "-o", str(out), "--set", "track.max_distance_nm=-1"]) == 2
+    assert "track_max_distance_nm" in capsys.readouterr().err
+    assert main(["reconstruct", str(rec), "-o", str(out), "--set", "track.gate=3"]) == 2
+    assert "track.gate" in capsys.readouterr().err
 
 
 def test_several_runs_in_one_recording_get_a_folder_each(tmp_path, fake_pipeline, monkeypatch):

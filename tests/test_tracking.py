@@ -185,3 +185,33 @@ def test_large_curves_use_the_kd_tree_with_the_same_results(monkeypatch):
     np.testing.assert_allclose(tree[0], brute[0], atol=1e-12)
     np.testing.assert_allclose(tree[1][0], brute[1][0], atol=1e-12)
     np.testing.assert_allclose(tree[2], brute[2], atol=1e-12)
+
+
+def test_z_velocity_uncertainty_from_the_lines_depth_sigma():
+    line = np.stack([np.linspace(0, 40, 41), np.zeros(41), np.zeros(41)], axis=1)
+    sig0 = np.full(41, 3.0)
+    sig0[:5] = np.nan  # points without a sigma do not count
+    sig1 = np.linspace(2.0, 6.0, 41)  # median 4
+    tr = LineTracker(max_distance_nm=10.0)
+    (first,) = tr.update(0, 0.0, [line], sigma_z=[sig0])
+    assert first.velocity_sigma_z_nm_s is None
+    (step,) = tr.update(1, 2.0, [line + [0.0, 1.0, 0.0]], sigma_z=[sig1])
+    assert step.velocity_sigma_z_nm_s == pytest.approx(5.0 / 2.0)  # sqrt(3^2 + 4^2) / dt
+    assert step.to_json_dict()["velocity_sigma_z_nm_s"] == pytest.approx(2.5)
+    (no_sigma,) = tr.update(2, 4.0, [line + [0.0, 2.0, 0.0]])
+    assert no_sigma.velocity_sigma_z_nm_s is None
+    (unknown_before,) = tr.update(3, 6.0, [line + [0.0, 3.0, 0.0]], sigma_z=[2.0])
+    assert unknown_before.velocity_sigma_z_nm_s is None and tr.tracks[0].sigma_z_nm == 2.0
+
+
+def test_update_lines_takes_the_lines_points_closure_and_sigma():
+    from types import SimpleNamespace
+
+    line = np.stack([np.linspace(0, 40, 41), np.zeros(41), np.zeros(41)], axis=1)
+    a, b = LineTracker(max_distance_nm=10.0), LineTracker(max_distance_nm=10.0)
+    for s in range(3):
+        pts = line + [0.0, 1.5 * s, 0.5 * s]
+        (x,) = a.update_lines(s, 2.0 * s, [SimpleNamespace(points_nm=pts, closed=False, sigma_z_nm=np.full(41, 1.0 + s))])
+        (y,) = b.update(s, 2.0 * s, [pts], [False], [np.full(41, 1.0 + s)])
+        assert x.to_json_dict() == y.to_json_dict()
+    assert x.velocity_sigma_z_nm_s == pytest.approx(np.hypot(2.0, 3.0) / 2.0)

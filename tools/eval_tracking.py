@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/eval_tracking.py                  # 4 series of 8 scans, ~75 s on 2 cores
     .venv/bin/python tools/eval_tracking.py --seeds 7 --scans 6
+    .venv/bin/python tools/eval_tracking.py --track max_distance_nm=15 --track z_weight=0.5   # other settings
 
 For each seed it simulates the in-situ series of ``configs/sim_tial_insitu.toml`` (gliding
 dislocations, drift, scan jitter; ``--set seed=S --set repeat=N``) as a recording with its
@@ -20,7 +21,9 @@ and compares every continued track step with the truth:
   displacement measure (mean perpendicular motion, LineTracker) between its two true
   curves, over the same scan mid-times; it includes the drift, as the reconstruction does.
   Printed: median true speed, median |error| of the in-plane (x, y) velocity and of the z
-  velocity (nm/s), and the in-plane error relative to the true in-plane speed.
+  velocity (nm/s), the in-plane error relative to the true in-plane speed, and how often the
+  z velocity's error lies within 1 and 2 of its stated uncertainty (velocity_sigma_z_nm_s;
+  a Gaussian: 68 % and 95 %).
 
 Simulated data and results go to a temporary folder (``--keep DIR`` to keep them).
 """
@@ -52,12 +55,13 @@ def _cli(*args: str) -> None:
         raise RuntimeError(f"livestereo {' '.join(args)} failed:\n{out.stderr[-3000:]}")
 
 
-def simulate_and_reconstruct(seed: int, scans: int, work: Path) -> tuple[Path, Path]:
-    """(truth file, results folder) of one simulated series."""
+def simulate_and_reconstruct(seed: int, scans: int, work: Path, track: list[str] = ()) -> tuple[Path, Path]:
+    """(truth file, results folder) of one simulated series; ``track``: KEY=VALUE tracking
+    settings for ``livestereo reconstruct --set track.KEY=VALUE``."""
     rec, truth, res = work / f"series_{seed}.lsrec", work / f"truth_{seed}.h5", work / f"results_{seed}"
     _cli("simulate", "--config", str(SIM_CONFIG), "--set", f"seed={seed}", "--set", f"repeat={scans}",
          "--run-id", f"eval-{seed}", "--record", str(rec), "--truth", str(truth))
-    _cli("reconstruct", str(rec), "-o", str(res))
+    _cli("reconstruct", str(rec), "-o", str(res), *[a for kv in track for a in ("--set", f"track.{kv}")])
     return truth, res
 
 
@@ -81,6 +85,7 @@ def read_results(folder: Path) -> list[dict]:
                 "line_id": t["line_id"][()].astype(int), "track_id": t["track_id"][()].astype(int),
                 "status": [s.decode() if isinstance(s, bytes) else str(s) for s in t["status"][()]],
                 "velocity": t["velocity_nm_s"][()],
+                "sigma_vz": t["velocity_sigma_z_nm_s"][()],
             })
     return out
 
@@ -116,7 +121,7 @@ def evaluate_series(truth_path: Path, results: Path, max_distance_nm: float) -> 
     last_of_track: dict[int, list[int]] = {}
     rows, switches, continued, unmatched = [], 0, 0, 0
     for s, sc in enumerate(scans):
-        for lid, tid, status, vel in zip(sc["line_id"], sc["track_id"], sc["status"], sc["velocity"]):
+        for lid, tid, status, vel, svz in zip(sc["line_id"], sc["track_id"], sc["status"], sc["velocity"], sc["sigma_vz"]):
             now = on[s].get(int(lid), [])
             prev = last_of_track.get(int(tid), [])
             last_of_track[int(tid)] = now
@@ -135,11 +140,11 @@ def evaluate_series(truth_path: Path, results: Path, max_distance_nm: float) -> 
                 continue
             v_true = true_velocity(curves[s - 1][k], curves[s][k], sc["time_s"] - scans[s - 1]["time_s"])
             if v_true is not None:
-                rows.append((np.asarray(vel, float), v_true))
+                rows.append((np.asarray(vel, float), v_true, float(svz)))
     est = np.array([r[0] for r in rows]).reshape(-1, 3)
     tru = np.array([r[1] for r in rows]).reshape(-1, 3)
     return {"scans": len(scans), "continued": continued, "switches": switches, "unmatched": unmatched,
-            "est": est, "true": tru}
+            "est": est, "true": tru, "sigma_vz": np.array([r[2] for r in rows])}
 
 
 def _fmt(name: str, r: dict) -> str:
@@ -147,11 +152,14 @@ def _fmt(name: str, r: dict) -> str:
     if len(est) == 0:
         return f"{name:>12}  {r['scans']:>5}  {r['continued']:>9}  {r['switches']:>8}  {r['unmatched']:>9}  (no steps to compare)"
     err = est - tru
+    z_in = np.abs(err[:, 2]) / r["sigma_vz"]  # NaN where the lines had no depth sigma
+    z_in = z_in[np.isfinite(z_in)]
+    cover = f"{100 * np.mean(z_in <= 1):>5.0f} % {100 * np.mean(z_in <= 2):>4.0f} %" if z_in.size else f"{'-':>12}"
     sp_xy = np.linalg.norm(tru[:, :2], axis=1)
     e_xy = np.linalg.norm(err[:, :2], axis=1)
     return (f"{name:>12}  {r['scans']:>5}  {r['continued']:>9}  {r['switches']:>8}  {r['unmatched']:>9}  {len(est):>8}  "
             f"{np.median(np.linalg.norm(tru, axis=1)):>10.2f}  {np.median(sp_xy):>9.2f}  {np.median(e_xy):>10.2f}  "
-            f"{np.median(np.abs(err[:, 2])):>9.2f}  {np.median(e_xy / np.maximum(sp_xy, 1e-9)):>11.2f}")
+            f"{np.median(np.abs(err[:, 2])):>9.2f}  {np.median(e_xy / np.maximum(sp_xy, 1e-9)):>11.2f}  {cover}")
 
 
 def main(argv=None) -> int:
@@ -161,6 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scans", type=int, default=8, help="scans per series")
     ap.add_argument("--max-distance-nm", type=float, default=3.0,
                     help="a line farther than this (median, in projection) from every true curve is unmatched")
+    ap.add_argument("--track", action="append", default=[], metavar="KEY=VALUE",
+                    help="tracking setting (max_distance_nm, z_weight) instead of the daemon's default; repeatable")
     ap.add_argument("--keep", type=Path, default=None, help="keep recordings, truth and results here")
     args = ap.parse_args(argv)
     if args.scans < 2:
@@ -171,12 +181,13 @@ def main(argv=None) -> int:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:
-            truth, res = simulate_and_reconstruct(seed, args.scans, work)
+            truth, res = simulate_and_reconstruct(seed, args.scans, work, args.track)
             results[seed] = evaluate_series(truth, res, args.max_distance_nm)
             print(f"seed {seed}: done after {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"\nin-situ tracking vs truth ({SIM_CONFIG.name}, {args.scans} scans per series; velocities nm/s)")
+    print(f"\nin-situ tracking vs truth ({SIM_CONFIG.name}, {args.scans} scans per series; velocities nm/s"
+          + (f"; tracking {', '.join(args.track)}" if args.track else "") + ")")
     print(f"{'series':>12}  {'scans':>5}  {'continued':>9}  {'switches':>8}  {'unmatched':>9}  {'compared':>8}  "
-          f"{'true speed':>10}  {'true xy':>9}  {'|err xy|':>10}  {'|err z|':>9}  {'err xy/true':>11}")
+          f"{'true speed':>10}  {'true xy':>9}  {'|err xy|':>10}  {'|err z|':>9}  {'err xy/true':>11}  {'z in 1 / 2 sigma':>16}")
     for seed, r in results.items():
         print(_fmt(f"seed {seed}", r))
     if len(results) > 1:
@@ -185,10 +196,12 @@ def main(argv=None) -> int:
                 "switches": sum(r["switches"] for r in results.values()),
                 "unmatched": sum(r["unmatched"] for r in results.values()),
                 "est": np.concatenate([r["est"] for r in results.values()]),
-                "true": np.concatenate([r["true"] for r in results.values()])}
+                "true": np.concatenate([r["true"] for r in results.values()]),
+                "sigma_vz": np.concatenate([r["sigma_vz"] for r in results.values()])}
         print(_fmt("all", allr))
     print("\n(medians over the compared steps; switches: continued steps whose line and the track's previous line "
-          "lie on no common true dislocation; unmatched: a line of the step lies on no true curve)")
+          "lie on no common true dislocation; unmatched: a line of the step lies on no true curve; z in 1 / 2 sigma: "
+          "share of the steps whose z velocity error is within 1 / 2 x velocity_sigma_z_nm_s)")
     print(f"eval wall time {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -316,7 +316,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--g-angle-deg", type=float, default=None, help="direction of g in the image (deg from scan +x towards +y; default 0)")
     p.add_argument("--particles-config", type=Path, help="particle parameters and segment calibration (TOML) for segmented input")
     add_set_argument(p)
-    p.epilog = "--set keys: layout.* (LayoutSpec fields, recordings and arrays) and lines.* (LineParams fields)"
+    p.epilog = ("--set keys: layout.* (LayoutSpec fields, recordings and arrays), lines.* (LineParams fields) and "
+                "track.max_distance_nm / track.z_weight (in-situ tracking gate and depth weight; default: the live "
+                "daemon's track_max_distance_nm, track_z_weight)")
 
 
 def _orientation_from_args(args) -> OrientationModel | None:
@@ -331,16 +333,19 @@ def _crystal(material: str | None, orient: OrientationModel | None, meta: dict):
     return crystal_from(material, orient, meta)
 
 
-def _split_sets(pairs) -> tuple[dict, dict]:
-    layout, lines = {}, {}
+_TRACK_KEYS = ("max_distance_nm", "z_weight")
+
+
+def _split_sets(pairs) -> tuple[dict, dict, dict]:
+    """--set values as (layout.*, lines.*, track.*) dicts, prefixes removed."""
+    groups: dict[str, dict] = {"layout": {}, "lines": {}, "track": {}}
     for key, value in parse_set_values(pairs).items():
-        if key.startswith("layout."):
-            layout[key[len("layout."):]] = value
-        elif key.startswith("lines."):
-            lines[key[len("lines."):]] = value
-        else:
-            raise ConfigError(f"--set {key}: unknown key (use layout.<field> or lines.<field>)")
-    return layout, lines
+        head, _, field = key.partition(".")
+        if head not in groups or not field or (head == "track" and field not in _TRACK_KEYS):
+            raise ConfigError(f"--set {key}: unknown key (use layout.<field>, lines.<field>, "
+                              "track.max_distance_nm or track.z_weight)")
+        groups[head][field] = value
+    return groups["layout"], groups["lines"], groups["track"]
 
 
 def accumulate_input(args, layout_overrides: dict) -> tuple[str, list]:
@@ -442,14 +447,14 @@ def scan_file(outdir: Path, scans, run_id, scan: int, suffix: str = ".h5") -> Pa
     return outdir / f"scan_{int(scan):04d}{suffix}"
 
 
-def _new_tracker():
-    """A LineTracker with the live daemon's tracking settings (DaemonConfig defaults)."""
-    from livestereo.compute.tracking import LineTracker
+def _tracker_settings(overrides: dict) -> dict:
+    """LineTracker arguments: the live daemon's tracking settings (DaemonConfig's
+    track_max_distance_nm, track_z_weight), with ``overrides`` (from --set track.*) validated there."""
+    from livestereo.config import parse_config
     from livestereo.daemon.config import DaemonConfig
 
-    fields = DaemonConfig.model_fields
-    return LineTracker(max_distance_nm=fields["track_max_distance_nm"].default,
-                       z_weight=fields["track_z_weight"].default)
+    cfg = parse_config({f"track_{k}": v for k, v in overrides.items()}, DaemonConfig, "--set track.*")
+    return {"max_distance_nm": cfg.track_max_distance_nm, "z_weight": cfg.track_z_weight}
 
 
 def _load_pipeline():
@@ -530,8 +535,9 @@ def run(args) -> int:
     from livestereo.compute.lines import LineParams
     from livestereo.config import parse_config
 
-    layout_over, line_over = _split_sets(args.set)
+    layout_over, line_over, track_over = _split_sets(args.set)
     line_params = parse_config(line_over, LineParams, "--set lines.*") if line_over else None
+    track_settings = _tracker_settings(track_over)
     src = args.input
     t_start = time.perf_counter()
     if src.suffix.lower() == ".toml":
@@ -578,7 +584,7 @@ def run(args) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "scans": [],
     }
-    from livestereo.compute.tracking import steps_json
+    from livestereo.compute.tracking import LineTracker, steps_json
 
     times = scan_mid_times(scans)
     trackers: dict[Any, Any] = {}
@@ -590,12 +596,11 @@ def run(args) -> int:
         if kind != "manifest":  # the scans of a run: an in-situ series
             run_id = vs.metadata.get("run_id")
             if run_id not in trackers:
-                trackers[run_id] = _new_tracker()
+                trackers[run_id] = LineTracker(**track_settings)
             tracker = trackers[run_id]
             t = times.get((run_id, vs.scan))
             # without an acquisition clock every scan gets time 0: no velocities, the rest stays
-            steps = tracker.update(vs.scan, 0.0 if t is None else t, [ln.points_nm for ln in res.lines],
-                                   [ln.closed for ln in res.lines])
+            steps = tracker.update_lines(vs.scan, 0.0 if t is None else t, res.lines)
             tracking = {"steps": steps, "lines": res.lines, "tracker": tracker, "time_s": t,
                         "clock": "frames" if t is not None else "none"}
         write_scan(h5, vs, res, maps, str(src), tracking)

@@ -17,6 +17,11 @@ line's own direction is not observable.  ``velocity_nm_s`` = displacement / dt a
 shift is reported as well (``centroid_shift_nm``), but it moves whenever the visible part
 of a line changes.
 
+Uncertainty: given the lines' per-point depth uncertainty, a step's z velocity gets a 1-sigma
+``velocity_sigma_z_nm_s`` = sqrt(s_old^2 + s_new^2) / dt, s being a line's median point
+sigma: the depth errors along a line are correlated over tens of points (smooth disparity
+biases), so averaging over its points does not shrink them.
+
 numpy / scipy, with the nearest-point queries and projections as numba kernels.
 """
 
@@ -250,6 +255,9 @@ class TrackStep:
     speed_xy_nm_s: float | None = None
     """Length of the velocity's (x, y) part: the motion seen in the image plane, free of the
     depth error that dominates ``speed_nm_s`` when lines move by a few nm per scan."""
+    velocity_sigma_z_nm_s: float | None = None
+    """1-sigma uncertainty of the velocity's z part (nm/s) from the two lines' depth
+    uncertainties (module docstring); None where either is unknown or there is no dt."""
 
     def to_json_dict(self) -> dict[str, Any]:
         def r(x, nd=4):
@@ -258,7 +266,8 @@ class TrackStep:
         return {"line_index": int(self.line_index), "track_id": int(self.track_id), "status": self.status,
                 "distance_nm": r(self.distance_nm), "dt_s": r(self.dt_s, 6), "displacement_nm": r(self.displacement_nm),
                 "centroid_shift_nm": r(self.centroid_shift_nm), "velocity_nm_s": r(self.velocity_nm_s),
-                "speed_nm_s": r(self.speed_nm_s), "speed_xy_nm_s": r(self.speed_xy_nm_s)}
+                "speed_nm_s": r(self.speed_nm_s), "speed_xy_nm_s": r(self.speed_xy_nm_s),
+                "velocity_sigma_z_nm_s": r(self.velocity_sigma_z_nm_s)}
 
 
 @dataclasses.dataclass
@@ -277,6 +286,8 @@ class Track:
     ended: bool = False
     missed: int = 0
     curve: _Curve | None = dataclasses.field(default=None, repr=False)
+    sigma_z_nm: float | None = None
+    """Depth uncertainty of the last curve (median point sigma, nm), None if unknown."""
 
     def to_json_dict(self) -> dict[str, Any]:
         disp = np.sum(self.displacements_nm, axis=0) if self.displacements_nm else np.zeros(3)
@@ -371,11 +382,20 @@ class LineTracker:
         return None if new is None else curve_displacement(t.curve, new)
 
     # ------------------------------------------------------------------ update
+    def update_lines(self, scan: int, time_s: float, lines: Sequence[Any]) -> list[TrackStep]:
+        """:meth:`update` with a scan's 3D lines (objects with ``points_nm``, ``closed`` and
+        ``sigma_z_nm``, as livestereo.compute.lines gives them)."""
+        return self.update(scan, time_s, [ln.points_nm for ln in lines], [ln.closed for ln in lines],
+                           [ln.sigma_z_nm for ln in lines])
+
     def update(self, scan: int, time_s: float, curves: Sequence[np.ndarray],
-               closed: Sequence[bool] | None = None) -> list[TrackStep]:
+               closed: Sequence[bool] | None = None, sigma_z: Sequence[Any] | None = None) -> list[TrackStep]:
         """Match one completed scan's curves ((n, 3) nm each) taken at ``time_s`` (s, the
-        scan's mid-time) to the tracks; returns one :class:`TrackStep` per curve."""
+        scan's mid-time) to the tracks; returns one :class:`TrackStep` per curve.
+        ``sigma_z``: per curve its depth uncertainty (nm), a number or one per point (the
+        median of the finite ones is taken), None where unknown."""
         prepared = self._prepare(curves, closed)
+        line_sigma = [_line_sigma(sigma_z[i] if sigma_z is not None else None) for i in range(len(prepared))]
         _, matched = self._assign(prepared)
         steps: list[TrackStep] = []
         seen: set[int] = set()
@@ -389,7 +409,9 @@ class LineTracker:
                 vel = disp / dt if dt > 0 else None
                 speed = float(np.linalg.norm(disp) / dt) if dt > 0 else None
                 speed_xy = float(np.linalg.norm(disp[:2]) / dt) if dt > 0 else None
-                step = TrackStep(i, tid, "continued", cost, dt, disp, shift, vel, speed, speed_xy)
+                sig = (float(np.hypot(t.sigma_z_nm, line_sigma[i]) / dt)
+                       if dt > 0 and t.sigma_z_nm is not None and line_sigma[i] is not None else None)
+                step = TrackStep(i, tid, "continued", cost, dt, disp, shift, vel, speed, speed_xy, sig)
                 t.displacements_nm.append(disp)
                 if speed is not None:
                     t.speeds_nm_s.append(speed)
@@ -401,6 +423,7 @@ class LineTracker:
                 step = TrackStep(i, tid, "new")
             if c is not None:
                 t.curve = c
+                t.sigma_z_nm = line_sigma[i]
                 t.centroids_nm.append(c.centroid)
                 t.lengths_nm.append(c.length)
             t.scans.append(int(scan))
@@ -421,6 +444,15 @@ class LineTracker:
         return [t.to_json_dict() for t in sorted(self.tracks.values(), key=lambda t: t.id)]
 
 
+def _line_sigma(sigma: Any) -> float | None:
+    """A line's depth uncertainty (nm): the median of its finite point sigmas, or None."""
+    if sigma is None:
+        return None
+    s = np.asarray(sigma, dtype=np.float64).reshape(-1)
+    s = s[np.isfinite(s) & (s >= 0)]
+    return float(np.median(s)) if s.size else None
+
+
 def steps_json(steps: Sequence[TrackStep], lines: Sequence[Any]) -> list[dict[str, Any]]:
     """The JSON entries of one scan's track steps, each with the ``line_id`` of its line
     (``lines``: the curves given to :meth:`LineTracker.update`, objects with an ``id``)."""
@@ -433,7 +465,7 @@ def write_tracks_hdf5(group, steps: Sequence[TrackStep], lines: Sequence[Any], t
     scan's ``lines/NNNN``, each of which gets the attr ``track_id``): datasets ``line_id``,
     ``track_id`` (L,) int64, ``status`` (L,) str, ``displacement_nm`` and ``velocity_nm_s``
     (L, 3) float64 (NaN for new tracks, and velocities NaN without a clock), ``speed_nm_s``,
-    ``speed_xy_nm_s``, ``dt_s``, ``distance_nm`` (L,); attrs ``time_s``, ``clock``,
+    ``speed_xy_nm_s``, ``velocity_sigma_z_nm_s``, ``dt_s``, ``distance_nm`` (L,); attrs ``time_s``, ``clock``,
     ``max_distance_nm``, ``z_weight``. ``lines``: as for :func:`steps_json`."""
     import h5py
 
@@ -448,7 +480,7 @@ def write_tracks_hdf5(group, steps: Sequence[TrackStep], lines: Sequence[Any], t
     for key in ("displacement_nm", "velocity_nm_s"):
         rows = [getattr(s, key) if getattr(s, key) is not None else nan3 for s in steps]
         t.create_dataset(key, data=np.array(rows, dtype=np.float64).reshape(-1, 3))
-    for key in ("speed_nm_s", "speed_xy_nm_s", "dt_s", "distance_nm"):
+    for key in ("speed_nm_s", "speed_xy_nm_s", "velocity_sigma_z_nm_s", "dt_s", "distance_nm"):
         t.create_dataset(key, data=np.array([np.nan if getattr(s, key) is None else getattr(s, key) for s in steps],
                                             dtype=np.float64))
     t.attrs["time_s"] = float(time_s) if time_s is not None else np.nan

@@ -156,7 +156,7 @@ class DaemonConfig(BaseModel):
     Set it to about the largest motion expected between two scans plus ~2 nm: a wider gate
     lets a track whose line was missed in a scan take a neighbouring dislocation's line."""
 
-    track_z_weight: float = Field(default=0.1, ge=0)
+    track_z_weight: float = Field(default=0.25, ge=0)
     """Weight of depth in the tracking distance: at stereo angles of 1-7 deg the depth of a
     line is some 5-30x less precise than its position in the image (tools/eval_tracking.py)."""
 

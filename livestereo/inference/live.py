@@ -21,7 +21,7 @@ attr ``track_id``), ``maps/prob`` (K, ny, nx), ``maps/disparity``, ``maps/sigma_
 ``maps/dz_nm`` (ny, nx) float32, ``view_indices`` (K,) (detectors of ``/images`` used as
 views), and ``tracks``: datasets ``line_id``, ``track_id`` (L,) int64, ``status`` (L,) str
 ("new" | "continued"), ``displacement_nm`` and ``velocity_nm_s`` (L, 3) float64 (NaN for
-new tracks), ``speed_nm_s``, ``speed_xy_nm_s``, ``dt_s``, ``distance_nm`` (L,); attrs ``time_s`` (the scan's
+new tracks), ``speed_nm_s``, ``speed_xy_nm_s``, ``velocity_sigma_z_nm_s``, ``dt_s``, ``distance_nm`` (L,); attrs ``time_s`` (the scan's
 mid-time), ``clock`` ("frames" | "wall"), ``max_distance_nm``, ``z_weight``.
 """
 
@@ -102,7 +102,7 @@ class DislocationAnalysis:
 
     def __init__(self, output_dir: Path, *, thickness_nm: float | None = None, material: str | None = None,
                  threads: int = 1, detector_weights: Path | None = None, stereo_weights: Path | None = None,
-                 track_max_distance_nm: float = 8.0, track_z_weight: float = 0.1, track_clock: str = "auto",
+                 track_max_distance_nm: float = 8.0, track_z_weight: float = 0.25, track_clock: str = "auto",
                  line_params=None, pipeline=None, min_rows: int = 8, min_interval_s: float = 0.0,
                  detector_precision: str = "auto", volume_precision: str = "auto"):
         self.output_dir = Path(output_dir)
@@ -289,7 +289,7 @@ class DislocationAnalysis:
         tr = self.tracker(scan.run_id)
         t_track = time.perf_counter()
         with self._run_lock:
-            steps = tr.update(scan.scan, t, [ln.points_nm for ln in res.lines], [ln.closed for ln in res.lines])
+            steps = tr.update_lines(scan.scan, t, res.lines)
         secs = {**secs, "tracking": round(time.perf_counter() - t_track, 4)}
         out = DislocationOutcome(res, maps, secs, list(scan.layout.view_indices), vs.thickness_nm,
                                  [s.track_id for s in steps], [s.displacement_nm for s in steps], steps, t, clock)
@@ -361,6 +361,8 @@ class DislocationAnalysis:
                 "velocity_nm_s": None if s is None or s.velocity_nm_s is None else np.round(s.velocity_nm_s, 6).tolist(),
                 "speed_nm_s": None if s is None or s.speed_nm_s is None else round(float(s.speed_nm_s), 6),
                 "speed_xy_nm_s": None if s is None or s.speed_xy_nm_s is None else round(float(s.speed_xy_nm_s), 6),
+                "velocity_sigma_z_nm_s": (None if s is None or s.velocity_sigma_z_nm_s is None
+                                          else round(float(s.velocity_sigma_z_nm_s), 6)),
             })
             pts.append(np.asarray(ln.points_nm, np.float32))
             pix.append(np.asarray(ln.pixels_px, np.float32))
