@@ -123,10 +123,13 @@ def test_demo_summary_leads_with_the_in_plane_speed(capsys):
 
     from livestereo.commands.demo import _print_tracks
 
-    tracks = [{"track_id": 0, "first_scan": 0, "last_scan": 5, "mean_speed_nm_s": 6.7, "mean_speed_xy_nm_s": 1.2},
+    tracks = [{"track_id": 0, "first_scan": 0, "last_scan": 5, "mean_speed_nm_s": 6.7, "mean_speed_xy_nm_s": 1.2,
+               "median_velocity_sigma_z_nm_s": 4.25},
+              {"track_id": 2, "first_scan": 0, "last_scan": 1, "mean_speed_nm_s": 2.0, "mean_speed_xy_nm_s": 1.0},
               {"track_id": 1, "first_scan": 2, "last_scan": 2, "mean_speed_nm_s": None, "mean_speed_xy_nm_s": None}]
     analysis = SimpleNamespace(run_summary=lambda run_id: {"tracks": tracks} if run_id == "demo" else None)
     _print_tracks(SimpleNamespace(analyses=[analysis], runs_ended=[{"run_id": "demo"}, {"run_id": "other"}]))
     out = capsys.readouterr().out
-    assert "track 0: scans 0-5, in-plane 1.2 nm/s, 3D 6.7 nm/s" in out
+    assert "track 0: scans 0-5, in-plane 1.2 nm/s, 3D 6.7 nm/s (z +/- 4.2 nm/s per step)" in out
+    assert "track 2: scans 0-1, in-plane 1.0 nm/s, 3D 2.0 nm/s\n" in out
     assert "track 1: scans 2-2, seen once" in out and "depth error" in out and "other" not in out

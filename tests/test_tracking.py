@@ -202,6 +202,8 @@ def test_z_velocity_uncertainty_from_the_lines_depth_sigma():
     assert no_sigma.velocity_sigma_z_nm_s is None
     (unknown_before,) = tr.update(3, 6.0, [line + [0.0, 3.0, 0.0]], sigma_z=[2.0])
     assert unknown_before.velocity_sigma_z_nm_s is None and tr.tracks[0].sigma_z_nm == 2.0
+    (summary,) = tr.summary()
+    assert summary["median_velocity_sigma_z_nm_s"] == pytest.approx(2.5)  # the one step that had both sigmas
 
 
 def test_update_lines_takes_the_lines_points_closure_and_sigma():

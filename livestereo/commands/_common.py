@@ -40,13 +40,17 @@ def parse_rate(text: str) -> float | None:
 def track_summary_lines(run_id: Any, tracks: list[dict[str, Any]]) -> list[str]:
     """Printable in-situ summary of one run: per track (LineTracker.summary() entries) its
     scans and mean speed per scan step, in-plane first (the 3D speed carries the lines'
-    depth error); the total displacement when there is no clock for speeds."""
+    depth error, whose size per step, the z velocity's median 1-sigma, follows); the total
+    displacement when there is no clock for speeds."""
     out = [f"  dislocations tracked in run {run_id} (mean speed per scan step; the 3D one "
            f"carries the depth error of the lines, the in-plane one does not):"]
     for t in tracks:
         speed, speed_xy = t.get("mean_speed_nm_s"), t.get("mean_speed_xy_nm_s")
         if speed is not None:
             text = f"in-plane {speed_xy:.1f} nm/s, 3D {speed:.1f} nm/s"
+            sig = t.get("median_velocity_sigma_z_nm_s")
+            if sig is not None:
+                text += f" (z +/- {sig:.1f} nm/s per step)"
         elif len(t.get("scans", ())) > 1:
             text = ("displacement (x, y, z) " + ", ".join(f"{v:.1f}" for v in t["total_displacement_nm"])
                     + " nm (no clock for speeds)")

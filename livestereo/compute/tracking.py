@@ -283,6 +283,8 @@ class Track:
     """(3,) per continuation (one fewer than scans)."""
     speeds_nm_s: list[float] = dataclasses.field(default_factory=list)
     speeds_xy_nm_s: list[float] = dataclasses.field(default_factory=list)
+    velocity_sigmas_z_nm_s: list[float] = dataclasses.field(default_factory=list)
+    """Per continuation where both lines had a depth sigma: the z velocity's 1-sigma (nm/s)."""
     ended: bool = False
     missed: int = 0
     curve: _Curve | None = dataclasses.field(default=None, repr=False)
@@ -297,6 +299,8 @@ class Track:
             "ended": self.ended, "total_displacement_nm": np.round(disp, 4).tolist(),
             "mean_speed_nm_s": round(float(np.mean(self.speeds_nm_s)), 6) if self.speeds_nm_s else None,
             "mean_speed_xy_nm_s": round(float(np.mean(self.speeds_xy_nm_s)), 6) if self.speeds_xy_nm_s else None,
+            "median_velocity_sigma_z_nm_s": (round(float(np.median(self.velocity_sigmas_z_nm_s)), 6)
+                                             if self.velocity_sigmas_z_nm_s else None),
             "mean_velocity_nm_s": np.round(disp / span, 6).tolist() if span > 0 else None,
             "lengths_nm": [round(float(x), 3) for x in self.lengths_nm],
         }
@@ -416,6 +420,8 @@ class LineTracker:
                 if speed is not None:
                     t.speeds_nm_s.append(speed)
                     t.speeds_xy_nm_s.append(speed_xy)
+                if sig is not None:
+                    t.velocity_sigmas_z_nm_s.append(sig)
             else:
                 tid = self.next_id
                 self.next_id += 1
