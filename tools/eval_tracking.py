@@ -118,13 +118,15 @@ def evaluate_series(truth_path: Path, results: Path, max_distance_nm: float) -> 
             d = {k: median_distance(pts[:, :2], c[:, :2]) for k, c in curves[s].items()}
             a[lid] = sorted((k for k in d if d[k] <= max_distance_nm), key=d.get)
         on.append(a)
-    last_of_track: dict[int, list[int]] = {}
+    # track id -> (the scan it was last seen in, the true dislocations its line lay on); a
+    # track may skip a scan (LineTracker.max_missed), so that is not always scan s - 1
+    last_of_track: dict[int, tuple[int, list[int]]] = {}
     rows, switches, continued, unmatched = [], 0, 0, 0
     for s, sc in enumerate(scans):
         for lid, tid, status, vel, svz in zip(sc["line_id"], sc["track_id"], sc["status"], sc["velocity"], sc["sigma_vz"]):
             now = on[s].get(int(lid), [])
-            prev = last_of_track.get(int(tid), [])
-            last_of_track[int(tid)] = now
+            ps, prev = last_of_track.get(int(tid), (s - 1, []))
+            last_of_track[int(tid)] = (s, now)
             if status != "continued":
                 continue
             continued += 1
@@ -136,9 +138,9 @@ def evaluate_series(truth_path: Path, results: Path, max_distance_nm: float) -> 
                 switches += 1
                 continue
             k = common[0]
-            if k not in curves[s - 1] or not np.all(np.isfinite(vel)):
+            if k not in curves[ps] or not np.all(np.isfinite(vel)):
                 continue
-            v_true = true_velocity(curves[s - 1][k], curves[s][k], sc["time_s"] - scans[s - 1]["time_s"])
+            v_true = true_velocity(curves[ps][k], curves[s][k], sc["time_s"] - scans[ps]["time_s"])
             if v_true is not None:
                 rows.append((np.asarray(vel, float), v_true, float(svz)))
     est = np.array([r[0] for r in rows]).reshape(-1, 3)
