@@ -26,6 +26,7 @@ import numpy as np
 
 from livestereo import __version__
 from livestereo.daemon.products import LayoutInfo, ScanImages
+from livestereo.daemon.scan_template import ScanTemplate, TemplateCache
 from livestereo.protocol.messages import Calibration
 
 
@@ -39,25 +40,51 @@ def scan_path(output_dir: Path, run_id: str, scan: int) -> Path:
     return Path(output_dir) / safe_name(run_id) / f"scan_{scan:04d}.h5"
 
 
+def _scan_values(result: ScanImages) -> dict[str, object]:
+    """The root attributes that change from scan to scan of a run, in file order."""
+    return {"scan": result.scan, "complete": result.complete,
+            **{k: v for k, v in result.stats.items() if v is not None}}
+
+
+def _fill_scan(f: h5py.File, result: ScanImages, values: dict, images: np.ndarray, valid: np.ndarray) -> None:
+    """A scan file's whole content: ``result``'s run-level parts with these per-scan values."""
+    f.attrs["livestereo_version"] = __version__
+    f.attrs["run_id"] = result.run_id
+    for k, v in values.items():
+        f.attrs[k] = v
+    f.attrs["start_metadata"] = json.dumps(result.start_metadata, default=str)
+    d = f.create_dataset("images", data=images)
+    d.attrs["axes"] = "detector, scan_y, scan_x"
+    d.attrs["units"] = "counts"
+    f.create_dataset("valid", data=valid)
+    _copy_run_groups(f, result.layout, result.calibration)
+
+
+#: byte templates of recent runs' scan files (livestereo.daemon.scan_template)
+_SCAN_TEMPLATES = TemplateCache()
+
+
 def write_scan(result: ScanImages, path: Path) -> Path:
-    """Write one scan's virtual images (atomically: a temporary file renamed into place)."""
+    """Write one scan's virtual images (atomically: a temporary file renamed into place).
+
+    From the run's byte template where one could be built (the same file, ~10x cheaper and
+    almost without the GIL), otherwise through h5py."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".h5.part")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["livestereo_version"] = __version__
-        f.attrs["run_id"] = result.run_id
-        f.attrs["scan"] = result.scan
-        f.attrs["complete"] = result.complete
-        for k, v in result.stats.items():
-            if v is not None:
-                f.attrs[k] = v
-        f.attrs["start_metadata"] = json.dumps(result.start_metadata, default=str)
-        d = f.create_dataset("images", data=result.images)
-        d.attrs["axes"] = "detector, scan_y, scan_x"
-        d.attrs["units"] = "counts"
-        f.create_dataset("valid", data=result.valid)
-        _copy_run_groups(f, result.layout, result.calibration)
+    values = _scan_values(result)
+    images, valid = np.asarray(result.images), np.asarray(result.valid)
+    key = (result.run_id, json.dumps(result.start_metadata, default=str), images.shape, images.dtype.str,
+           valid.shape, valid.dtype.str, tuple((k, np.asarray(v).dtype.str) for k, v in values.items()))
+    template = _SCAN_TEMPLATES.get(
+        (result.layout, result.calibration), key,
+        lambda: ScanTemplate.build(lambda f, v, i, m: _fill_scan(f, result, v, i, m), values, images, valid))
+    if template is not None:
+        with open(tmp, "wb") as fh:
+            fh.write(template.render(values, images, valid))
+    else:
+        with h5py.File(tmp, "w", libver="earliest") as f:
+            _fill_scan(f, result, values, images, valid)
     os.replace(tmp, path)
     return path
 
