@@ -217,3 +217,60 @@ def test_update_lines_takes_the_lines_points_closure_and_sigma():
         (y,) = b.update(s, 2.0 * s, [pts], [False], [np.full(41, 1.0 + s)])
         assert x.to_json_dict() == y.to_json_dict()
     assert x.velocity_sigma_z_nm_s == pytest.approx(np.hypot(2.0, 3.0) / 2.0)
+
+
+def test_a_line_seen_in_pieces_keeps_its_track_on_every_piece():
+    """A dislocation detected as two pieces in one scan: the piece that continues its track
+    one to one is "continued", the other a "fragment" of the same track (not a new one); its
+    motion is measured from the previous line, the track's own motion counts once; the next
+    scan's whole line continues the track from both pieces."""
+    a = _line([0, 0, 0], [80, 0, 10], 400)
+    v = np.array([0.0, 2.0, 0.0])
+    tr = LineTracker(max_distance_nm=8.0)
+    (s0,) = tr.update(0, 0.0, [a])
+    head, tail = a[:230] + v, a[270:] + v  # a gap of ~8 nm where the line faded in this scan
+    s1 = tr.update(1, 1.0, [tail, head])
+    assert {s.track_id for s in s1} == {s0.track_id}
+    assert sorted(s.status for s in s1) == ["continued", "fragment"]
+    for s in s1:
+        np.testing.assert_allclose(s.velocity_nm_s, _perp(v, a[-1] - a[0]), atol=1e-6)
+    track = tr.tracks[s0.track_id]
+    assert track.scans == [0, 1] and len(track.displacements_nm) == 1 and len(track.speeds_nm_s) == 1
+    assert track.lengths_nm[-1] == pytest.approx(np.linalg.norm(a[229] - a[0]) + np.linalg.norm(a[-1] - a[270]), rel=1e-3)
+    assert len(track.pieces) == 2
+    # the provisional match of a live snapshot gives both pieces the track's id
+    assert [m[0] for m in tr.match([head, tail])] == [s0.track_id, s0.track_id]
+    # whole again: one line continues the track, measured from the nearest piece
+    (s2,) = tr.update(2, 2.0, [a + 2 * v])
+    assert s2.track_id == s0.track_id and s2.status == "continued"
+    np.testing.assert_allclose(s2.velocity_nm_s, _perp(v, a[-1] - a[0]), atol=1e-6)
+    summary = {t["track_id"]: t for t in tr.summary()}[s0.track_id]
+    assert summary["scans"] == [0, 1, 2]
+
+
+def test_a_parallel_neighbour_is_a_new_track_not_a_fragment():
+    """A second line running alongside the continued one within the gate (a pile-up) is
+    another dislocation; so is a line far from the track's previous curve."""
+    a = _line([0, 0, 0], [80, 0, 0], 400)
+    tr = LineTracker(max_distance_nm=8.0)
+    (s0,) = tr.update(0, 0.0, [a])
+    s1 = tr.update(1, 1.0, [a + [0, 1, 0], a + [0, 6, 0], _line([0, 40, 0], [80, 40, 0])])
+    assert s1[0].track_id == s0.track_id and s1[0].status == "continued"
+    assert s1[1].status == "new" and s1[2].status == "new"
+    assert len({s.track_id for s in s1}) == 3
+
+
+def test_a_curve_of_pieces_never_projects_across_the_gap():
+    """The union of two pieces has no segment between them: a point beside the gap's middle
+    finds its foot on a piece's end, not on the bridge."""
+    from livestereo.compute.tracking import _Curve
+
+    p = _Curve(_line([0, 0, 0], [10, 0, 0], 50), 1.0, 1.0)
+    q = _Curve(_line([20, 0, 0], [30, 0, 0], 50), 1.0, 1.0)
+    u = _Curve.union([p, q])
+    assert len(u.dense) == len(p.dense) + len(q.dense) and u.seg_ok.sum() == len(u.dense) - 2
+    assert u.end.sum() == p.end.sum() + q.end.sum() and u.length == pytest.approx(20.0)
+    foot, _ = u.foot(np.array([[15.2, 3.0, 0.0]]))
+    assert foot[0, 0] in (pytest.approx(10.0), pytest.approx(20.0)) and foot[0, 1] == pytest.approx(0.0)
+    single, _ = _Curve(_line([0, 0, 0], [30, 0, 0], 100), 1.0, 1.0).foot(np.array([[15.2, 3.0, 0.0]]))
+    np.testing.assert_allclose(single[0], [15.2, 0, 0], atol=1e-9)

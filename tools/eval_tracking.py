@@ -14,8 +14,10 @@ and compares every continued track step with the truth:
   ``--max-distance-nm`` (median distance of its points) in projection (x, y: which
   dislocation a line is does not depend on its depth error, several nm at this series' 2 deg
   stereo angle); several where true curves overlap in projection, none for a false line;
-- identity: a continued step is an identity switch when its line and the track's previous
-  line lie on no common true dislocation;
+- identity: a continued step (one-to-one or a fragment, a further line of a track in the
+  same scan) is an identity switch when its line and the track's previous line(s) lie on no
+  common true dislocation; a new track is an identity lost when its line lies on a true
+  dislocation that a line of the previous scan lay on (it was followed, and now starts over);
 - velocity (steps whose two lines lie on one common dislocation, the nearest one): the true
   velocity of a dislocation from scan s-1 to s is the tracker's own
   displacement measure (mean perpendicular motion, LineTracker) between its two true
@@ -121,14 +123,18 @@ def evaluate_series(truth_path: Path, results: Path, max_distance_nm: float) -> 
     # track id -> (the scan it was last seen in, the true dislocations its line lay on); a
     # track may skip a scan (LineTracker.max_missed), so that is not always scan s - 1
     last_of_track: dict[int, tuple[int, list[int]]] = {}
-    rows, switches, continued, unmatched = [], 0, 0, 0
+    rows, switches, continued, unmatched, lost, fragments = [], 0, 0, 0, 0, 0
     for s, sc in enumerate(scans):
+        seen_before = {k for ks in on[s - 1].values() for k in ks} if s else set()
+        last_now: dict[int, tuple[int, list[int]]] = {}
         for lid, tid, status, vel, svz in zip(sc["line_id"], sc["track_id"], sc["status"], sc["velocity"], sc["sigma_vz"]):
             now = on[s].get(int(lid), [])
             ps, prev = last_of_track.get(int(tid), (s - 1, []))
-            last_of_track[int(tid)] = (s, now)
-            if status != "continued":
+            last_now.setdefault(int(tid), (s, []))[1].extend(now)  # a track's fragments: all their dislocations
+            if status == "new":
+                lost += bool(set(now) & seen_before)
                 continue
+            fragments += status == "fragment"
             continued += 1
             if not now or not prev:
                 unmatched += 1
@@ -143,23 +149,27 @@ def evaluate_series(truth_path: Path, results: Path, max_distance_nm: float) -> 
             v_true = true_velocity(curves[ps][k], curves[s][k], sc["time_s"] - scans[ps]["time_s"])
             if v_true is not None:
                 rows.append((np.asarray(vel, float), v_true, float(svz)))
+        last_of_track.update(last_now)
     est = np.array([r[0] for r in rows]).reshape(-1, 3)
     tru = np.array([r[1] for r in rows]).reshape(-1, 3)
     return {"scans": len(scans), "continued": continued, "switches": switches, "unmatched": unmatched,
+            "lost": lost, "fragments": fragments,
             "est": est, "true": tru, "sigma_vz": np.array([r[2] for r in rows])}
 
 
 def _fmt(name: str, r: dict) -> str:
     est, tru = r["est"], r["true"]
     if len(est) == 0:
-        return f"{name:>12}  {r['scans']:>5}  {r['continued']:>9}  {r['switches']:>8}  {r['unmatched']:>9}  (no steps to compare)"
+        return (f"{name:>12}  {r['scans']:>5}  {r['continued']:>9}  {r['fragments']:>9}  {r['lost']:>5}  {r['switches']:>8}  "
+                f"{r['unmatched']:>9}  (no steps to compare)")
     err = est - tru
     z_in = np.abs(err[:, 2]) / r["sigma_vz"]  # NaN where the lines had no depth sigma
     z_in = z_in[np.isfinite(z_in)]
     cover = f"{100 * np.mean(z_in <= 1):>5.0f} % {100 * np.mean(z_in <= 2):>4.0f} %" if z_in.size else f"{'-':>12}"
     sp_xy = np.linalg.norm(tru[:, :2], axis=1)
     e_xy = np.linalg.norm(err[:, :2], axis=1)
-    return (f"{name:>12}  {r['scans']:>5}  {r['continued']:>9}  {r['switches']:>8}  {r['unmatched']:>9}  {len(est):>8}  "
+    return (f"{name:>12}  {r['scans']:>5}  {r['continued']:>9}  {r['fragments']:>9}  {r['lost']:>5}  {r['switches']:>8}  "
+            f"{r['unmatched']:>9}  {len(est):>8}  "
             f"{np.median(np.linalg.norm(tru, axis=1)):>10.2f}  {np.median(sp_xy):>9.2f}  {np.median(e_xy):>10.2f}  "
             f"{np.median(np.abs(err[:, 2])):>9.2f}  {np.median(e_xy / np.maximum(sp_xy, 1e-9)):>11.2f}  {cover}")
 
@@ -188,7 +198,8 @@ def main(argv=None) -> int:
             print(f"seed {seed}: done after {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"\nin-situ tracking vs truth ({SIM_CONFIG.name}, {args.scans} scans per series; velocities nm/s"
           + (f"; tracking {', '.join(args.track)}" if args.track else "") + ")")
-    print(f"{'series':>12}  {'scans':>5}  {'continued':>9}  {'switches':>8}  {'unmatched':>9}  {'compared':>8}  "
+    print(f"{'series':>12}  {'scans':>5}  {'continued':>9}  {'fragments':>9}  {'lost':>5}  {'switches':>8}  "
+          f"{'unmatched':>9}  {'compared':>8}  "
           f"{'true speed':>10}  {'true xy':>9}  {'|err xy|':>10}  {'|err z|':>9}  {'err xy/true':>11}  {'z in 1 / 2 sigma':>16}")
     for seed, r in results.items():
         print(_fmt(f"seed {seed}", r))
@@ -197,11 +208,15 @@ def main(argv=None) -> int:
                 "continued": sum(r["continued"] for r in results.values()),
                 "switches": sum(r["switches"] for r in results.values()),
                 "unmatched": sum(r["unmatched"] for r in results.values()),
+                "lost": sum(r["lost"] for r in results.values()),
+                "fragments": sum(r["fragments"] for r in results.values()),
                 "est": np.concatenate([r["est"] for r in results.values()]),
                 "true": np.concatenate([r["true"] for r in results.values()]),
                 "sigma_vz": np.concatenate([r["sigma_vz"] for r in results.values()])}
         print(_fmt("all", allr))
-    print("\n(medians over the compared steps; switches: continued steps whose line and the track's previous line "
+    print("\n(medians over the compared steps; continued: steps that continue a track (fragments among them: "
+          "further lines of a track in one scan); lost: new tracks whose line lies on a true dislocation that a line "
+          "of the previous scan lay on; switches: continued steps whose line and the track's previous line(s) "
           "lie on no common true dislocation; unmatched: a line of the step lies on no true curve; z in 1 / 2 sigma: "
           "share of the steps whose z velocity error is within 1 / 2 x velocity_sigma_z_nm_s)")
     print(f"eval wall time {time.perf_counter() - t0:.0f} s")

@@ -612,7 +612,7 @@ def run(args) -> int:
             entry["tracks"] = steps_json(steps, res.lines)
         summary["scans"].append(entry)
         n_det = sum(1 for a in (res.analyses or []) if a.habit == "determined")
-        n_cont = sum(1 for st in steps or [] if st.status == "continued")
+        n_cont = sum(1 for st in steps or [] if st.status != "new")
         print(f"scan {vs.scan}: {len(res.lines)} dislocation line(s)"
               + (f", {n_det} with a habit plane" if res.analyses is not None else "")
               + (f", {n_cont} continuing a track" if steps is not None and vs.scan > 0 else "")

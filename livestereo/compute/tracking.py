@@ -8,6 +8,16 @@ than ``max_distance_nm`` (the gate) are never matched.  A matched line continues
 track; an unmatched line starts a new track (new id); a track without a match for more
 than ``max_missed`` scans ends (kept in the history, never reused).
 
+Fragments: a dislocation is often detected in pieces (a stretch too faint in one scan).
+An unmatched line whose points lie along the previous curve of a track that another line
+continues (median distance within the gate), while lying beside that line rather than
+alongside it (median distance to it beyond the gate: a parallel line that close is a
+neighbour in a pile-up), becomes a "fragment" of that track: same id.  The track's curve
+for the next scan's matching is then all its pieces (no segment bridges the gaps), and a
+step's motion is measured from the nearest previous piece; the track's own motion
+(displacements, speeds in the summary) counts its one-to-one line only.  On the
+simulator's in-situ series this halved the identities lost (tools/eval_tracking.py).
+
 Motion: ``displacement_nm`` (3,) is the mean vector from each point of the previous curve
 to its nearest point of the new one, averaged with the same in the other direction, over
 the points whose nearest point is not a curve end (so a line that grows or shrinks at its
@@ -86,9 +96,10 @@ def _nearest_dist_brute(pts, ref):
 
 
 @numba.njit(nogil=True, cache=True)
-def _project_near(pts, dense, scale, idx):
+def _project_near(pts, dense, scale, idx, seg_ok):
     """For each point (n, 3): the nearest of dense[idx] and its orthogonal projections onto
-    the two segments beside it (clamped to them), nearest in the metric scaled by ``scale``."""
+    the two segments beside it (clamped to them), nearest in the metric scaled by ``scale``;
+    segment ``lo -> lo + 1`` only where ``seg_ok[lo]`` (not between two pieces of a curve)."""
     n = pts.shape[0]
     m = dense.shape[0]
     out = np.empty((n, 3))
@@ -101,7 +112,7 @@ def _project_near(pts, dense, scale, idx):
             e = (pts[k, c] - dense[i, c]) * scale[c]
             bd += e * e
         for lo in (i - 1, i):
-            if lo < 0 or lo + 1 >= m:
+            if lo < 0 or lo + 1 >= m or not seg_ok[lo]:
                 continue
             l2 = 0.0
             dot = 0.0
@@ -152,31 +163,48 @@ def warm_kernels() -> None:
     _nearest_dist_brute(t, t)
     _median_nearest_dist(t, t)
     _, idx = _nearest_brute(a, a)
-    _project_near(a, a, np.ones(3), idx)
+    _project_near(a, a, np.ones(3), idx, np.ones(1, np.bool_))
 
 
 class _Curve:
     """A curve prepared for distance queries: dense points, z-scaled copies (rows and
-    columns) for the compiled kernels, and a KD tree built only for very long curves."""
+    columns) for the compiled kernels, and a KD tree built only for very long curves.
+
+    A track's curve may be several pieces (a dislocation seen as fragments): their dense
+    samples one after the other, ``seg_ok`` False between pieces, ``end`` marking every
+    piece's ends (see :meth:`union`)."""
 
     def __init__(self, points: np.ndarray, spacing: float, z_weight: float, closed: bool = False):
-        self.raw = np.asarray(points, dtype=np.float64)
-        self.dense = resample_polyline(self.raw, spacing)
+        self.dense = resample_polyline(np.asarray(points, dtype=np.float64), spacing)
         if len(self.dense) == 0:
             raise ValueError("a curve needs at least one finite point")
-        self.scale = np.array([1.0, 1.0, z_weight])
-        self.scaled = np.ascontiguousarray(self.dense * self.scale)
-        self.scaled_t = np.ascontiguousarray(self.scaled.T)  # (3, n) for the brute-force distances
-        self._tree: cKDTree | None = None  # built when a query is too large for brute force
         n = len(self.dense)
-        self.end = np.zeros(n, bool)
+        end = np.zeros(n, bool)
         if not closed and n > 2:
             k = max(1, int(np.ceil(1.0 / spacing)))  # samples within ~1 nm of each end
-            self.end[:k] = True
-            self.end[-k:] = True
-        self.centroid = self.dense.mean(axis=0)
+            end[:k] = True
+            end[-k:] = True
+        self._set(self.dense, end, np.ones(max(n - 1, 0), bool), np.array([1.0, 1.0, z_weight]))
+
+    def _set(self, dense: np.ndarray, end: np.ndarray, seg_ok: np.ndarray, scale: np.ndarray) -> None:
+        self.dense, self.end, self.seg_ok, self.scale = dense, end, seg_ok, scale
+        self.scaled = np.ascontiguousarray(dense * scale)
+        self.scaled_t = np.ascontiguousarray(self.scaled.T)  # (3, n) for the brute-force distances
+        self._tree: cKDTree | None = None  # built when a query is too large for brute force
+        self.centroid = dense.mean(axis=0)
         self.lo, self.hi = self.scaled.min(axis=0), self.scaled.max(axis=0)
-        self.length = float(np.sum(np.linalg.norm(np.diff(self.dense, axis=0), axis=1))) if n > 1 else 0.0
+        self.length = float(np.sum(np.linalg.norm(np.diff(dense, axis=0), axis=1)[seg_ok])) if len(dense) > 1 else 0.0
+
+    @classmethod
+    def union(cls, pieces: Sequence[_Curve]) -> _Curve:
+        """One curve of several pieces (the same z weight), for the next scan's matching."""
+        if len(pieces) == 1:
+            return pieces[0]
+        out = cls.__new__(cls)
+        seg_ok = np.concatenate([np.append(p.seg_ok, False) for p in pieces])[:-1]
+        out._set(np.concatenate([p.dense for p in pieces]), np.concatenate([p.end for p in pieces]), seg_ok,
+                 pieces[0].scale)
+        return out
 
     def _query(self, pts: np.ndarray) -> tuple[np.ndarray, bool]:
         """(the points (n, 3) in the scaled metric, whether brute force answers for them)."""
@@ -210,7 +238,7 @@ class _Curve:
         the orthogonal projection onto the segments next to the nearest sample."""
         pts = np.ascontiguousarray(pts, dtype=np.float64).reshape(-1, 3)
         _, i = self.nearest(pts)
-        return _project_near(pts, self.dense, self.scale, np.asarray(i, dtype=np.int64)), i
+        return _project_near(pts, self.dense, self.scale, np.asarray(i, dtype=np.int64), self.seg_ok), i
 
 
 def curve_distance(a: _Curve, b: _Curve) -> tuple[float, float]:
@@ -242,7 +270,8 @@ class TrackStep:
     """Index of the line in the list given to :meth:`LineTracker.update`."""
     track_id: int
     status: str
-    """"new" (first seen in this scan) or "continued"."""
+    """"new" (first seen in this scan), "continued" (the track's one-to-one line) or
+    "fragment" (a further piece of the track's dislocation in this scan)."""
     distance_nm: float | None = None
     """Matching cost to the track's previous curve (nm), None for a new track."""
     dt_s: float | None = None
@@ -288,6 +317,9 @@ class Track:
     ended: bool = False
     missed: int = 0
     curve: _Curve | None = dataclasses.field(default=None, repr=False)
+    """The last scan's curve for matching: all the track's lines of that scan (fragments too)."""
+    pieces: list[_Curve] = dataclasses.field(default_factory=list, repr=False)
+    """The last scan's lines one by one; a step's motion is measured from the nearest."""
     sigma_z_nm: float | None = None
     """Depth uncertainty of the last curve (median point sigma, nm), None if unknown."""
 
@@ -346,12 +378,15 @@ class LineTracker:
     def active(self) -> list[Track]:
         return [t for t in self.tracks.values() if not t.ended]
 
-    def _assign(self, prepared: list[_Curve | None]) -> tuple[list[Track], dict[int, tuple[int, float]]]:
-        """line index -> (track id, cost) for the matched lines."""
+    def _assign(self, prepared: list[_Curve | None]) -> tuple[dict[int, tuple[int, float]], dict[int, tuple[int, float]]]:
+        """({line index: (track id, cost)} of the lines that continue a track one to one,
+        {line index: (track id, distance)} of the fragments: further lines lying along the
+        previous curve of a track that another line of this scan continues)."""
         tracks = [t for t in self.active if t.curve is not None]
         if not tracks or not prepared:
-            return tracks, {}
+            return {}, {}
         cost = np.full((len(prepared), len(tracks)), _BIG)
+        along = np.full((len(prepared), len(tracks)), _BIG)  # median distance of a line's points to a track's curve
         gate = self.max_distance_nm
         for i, c in enumerate(prepared):
             if c is None:
@@ -361,21 +396,36 @@ class LineTracker:
                 if np.linalg.norm(gap) > gate:
                     continue  # bounding boxes farther apart than the gate: no point can be within it
                 dab, dba = curve_distance(c, t.curve)
+                along[i, j] = dab
                 if min(dab, dba) <= gate:
                     cost[i, j] = 0.5 * (dab + dba)
         rows, cols = linear_sum_assignment(cost)
-        out = {}
+        matched, line_of = {}, {}
         for i, j in zip(rows, cols):
             if cost[i, j] < _BIG:
-                out[int(i)] = (tracks[j].id, float(cost[i, j]))
-        return tracks, out
+                matched[int(i)] = (tracks[j].id, float(cost[i, j]))
+                line_of[int(j)] = int(i)
+        fragments = {}
+        for i, c in enumerate(prepared):
+            if c is None or i in matched:
+                continue
+            # along the track's previous curve, and beside (not alongside) the line that
+            # continues it: a line running parallel to that one within the gate is another
+            # dislocation (a pile-up), not a piece of this one
+            near = [j for j, k in line_of.items()
+                    if along[i, j] <= gate and prepared[k].median_distance(c.dense) > gate]
+            if near:
+                j = min(near, key=lambda j: along[i, j])
+                fragments[i] = (tracks[j].id, float(along[i, j]))
+        return matched, fragments
 
     def match(self, curves: Sequence[np.ndarray], closed: Sequence[bool] | None = None) -> list[tuple[int | None, float | None]]:
         """Provisional (track id or None, cost) per curve, without changing any track (for
-        partial scans: the live snapshot's lines against the last completed scans)."""
+        partial scans: the live snapshot's lines against the last completed scans);
+        fragments get their track's id."""
         prepared = self._prepare(curves, closed)
-        _, m = self._assign(prepared)
-        return [m.get(i, (None, None)) for i in range(len(prepared))]
+        matched, fragments = self._assign(prepared)
+        return [matched.get(i) or fragments.get(i) or (None, None) for i in range(len(prepared))]
 
     def displacement(self, track_id: int, curve: np.ndarray) -> np.ndarray | None:
         """(3,) perpendicular motion of ``curve`` from the track's last curve (nm), or None."""
@@ -386,6 +436,19 @@ class LineTracker:
         return None if new is None else curve_displacement(t.curve, new)
 
     # ------------------------------------------------------------------ update
+    @staticmethod
+    def _step(i: int, t: Track, cost: float, status: str, c: _Curve, time_s: float,
+              sigma: float | None) -> TrackStep:
+        """Line ``i`` (curve ``c``) as a step of track ``t``, measured from its previous curve."""
+        dt = float(time_s - t.times_s[-1])
+        old = t.pieces[0] if len(t.pieces) == 1 else min(t.pieces, key=lambda p: p.median_distance(c.dense))
+        disp = curve_displacement(old, c)
+        vel = disp / dt if dt > 0 else None
+        speed = float(np.linalg.norm(disp) / dt) if dt > 0 else None
+        speed_xy = float(np.linalg.norm(disp[:2]) / dt) if dt > 0 else None
+        sig = float(np.hypot(t.sigma_z_nm, sigma) / dt) if dt > 0 and t.sigma_z_nm is not None and sigma is not None else None
+        return TrackStep(i, t.id, status, cost, dt, disp, c.centroid - old.centroid, vel, speed, speed_xy, sig)
+
     def update_lines(self, scan: int, time_s: float, lines: Sequence[Any]) -> list[TrackStep]:
         """:meth:`update` with a scan's 3D lines (objects with ``points_nm``, ``closed`` and
         ``sigma_z_nm``, as livestereo.compute.lines gives them)."""
@@ -400,43 +463,43 @@ class LineTracker:
         median of the finite ones is taken), None where unknown."""
         prepared = self._prepare(curves, closed)
         line_sigma = [_line_sigma(sigma_z[i] if sigma_z is not None else None) for i in range(len(prepared))]
-        _, matched = self._assign(prepared)
+        matched, fragments = self._assign(prepared)
         steps: list[TrackStep] = []
-        seen: set[int] = set()
-        for i, c in enumerate(prepared):
-            if i in matched:
-                tid, cost = matched[i]
-                t = self.tracks[tid]
-                dt = float(time_s - t.times_s[-1])
-                disp = curve_displacement(t.curve, c)
-                shift = c.centroid - t.curve.centroid
-                vel = disp / dt if dt > 0 else None
-                speed = float(np.linalg.norm(disp) / dt) if dt > 0 else None
-                speed_xy = float(np.linalg.norm(disp[:2]) / dt) if dt > 0 else None
-                sig = (float(np.hypot(t.sigma_z_nm, line_sigma[i]) / dt)
-                       if dt > 0 and t.sigma_z_nm is not None and line_sigma[i] is not None else None)
-                step = TrackStep(i, tid, "continued", cost, dt, disp, shift, vel, speed, speed_xy, sig)
-                t.displacements_nm.append(disp)
-                if speed is not None:
-                    t.speeds_nm_s.append(speed)
-                    t.speeds_xy_nm_s.append(speed_xy)
-                if sig is not None:
-                    t.velocity_sigmas_z_nm_s.append(sig)
-            else:
+        for i, c in enumerate(prepared):  # every step against the tracks' previous curves
+            link = matched.get(i) or fragments.get(i)
+            if link is None:
                 tid = self.next_id
                 self.next_id += 1
-                t = self.tracks[tid] = Track(tid)
-                step = TrackStep(i, tid, "new")
-            if c is not None:
-                t.curve = c
-                t.sigma_z_nm = line_sigma[i]
-                t.centroids_nm.append(c.centroid)
-                t.lengths_nm.append(c.length)
+                self.tracks[tid] = Track(tid)
+                steps.append(TrackStep(i, tid, "new"))
+            else:
+                steps.append(self._step(i, self.tracks[link[0]], link[1], "continued" if i in matched else "fragment",
+                                        c, time_s, line_sigma[i]))
+        lines_of: dict[int, list[int]] = {}  # track id -> its lines in this scan, the one-to-one line first
+        for st in steps:
+            lines_of.setdefault(st.track_id, []).append(st.line_index)
+        for tid, idx in lines_of.items():
+            idx.sort(key=lambda i: steps[i].status == "fragment")
+            t = self.tracks[tid]
+            first = steps[idx[0]]
+            if first.status == "continued":  # the track's motion: its one-to-one line's
+                t.displacements_nm.append(first.displacement_nm)
+                if first.speed_nm_s is not None:
+                    t.speeds_nm_s.append(first.speed_nm_s)
+                    t.speeds_xy_nm_s.append(first.speed_xy_nm_s)
+                if first.velocity_sigma_z_nm_s is not None:
+                    t.velocity_sigmas_z_nm_s.append(first.velocity_sigma_z_nm_s)
+            pieces = [prepared[i] for i in idx if prepared[i] is not None]
+            if pieces:
+                t.curve = _Curve.union(pieces)
+                t.pieces = pieces
+                t.sigma_z_nm = next((line_sigma[i] for i in idx if line_sigma[i] is not None), None)
+                t.centroids_nm.append(t.curve.centroid)
+                t.lengths_nm.append(t.curve.length)
             t.scans.append(int(scan))
             t.times_s.append(float(time_s))
             t.missed = 0
-            seen.add(tid)
-            steps.append(step)
+        seen = set(lines_of)
         for t in self.active:
             if t.id not in seen:
                 t.missed += 1

@@ -20,7 +20,7 @@ and in-situ tracking per finished scan.
 attr ``track_id``), ``maps/prob`` (K, ny, nx), ``maps/disparity``, ``maps/sigma_disparity``,
 ``maps/dz_nm`` (ny, nx) float32, ``view_indices`` (K,) (detectors of ``/images`` used as
 views), and ``tracks``: datasets ``line_id``, ``track_id`` (L,) int64, ``status`` (L,) str
-("new" | "continued"), ``displacement_nm`` and ``velocity_nm_s`` (L, 3) float64 (NaN for
+("new" | "continued" | "fragment"), ``displacement_nm`` and ``velocity_nm_s`` (L, 3) float64 (NaN for
 new tracks), ``speed_nm_s``, ``speed_xy_nm_s``, ``velocity_sigma_z_nm_s``, ``dt_s``, ``distance_nm`` (L,); attrs ``time_s`` (the scan's
 mid-time), ``clock`` ("frames" | "wall"), ``max_distance_nm``, ``z_weight``.
 """
