@@ -238,8 +238,10 @@ def test_a_line_seen_in_pieces_keeps_its_track_on_every_piece():
     assert track.scans == [0, 1] and len(track.displacements_nm) == 1 and len(track.speeds_nm_s) == 1
     assert track.lengths_nm[-1] == pytest.approx(np.linalg.norm(a[229] - a[0]) + np.linalg.norm(a[-1] - a[270]), rel=1e-3)
     assert len(track.pieces) == 2
-    # the provisional match of a live snapshot gives both pieces the track's id
+    # the provisional match of a live snapshot gives both pieces the track's id, and its
+    # displacement is measured from the nearest piece, as a final scan's step is
     assert [m[0] for m in tr.match([head, tail])] == [s0.track_id, s0.track_id]
+    np.testing.assert_allclose(tr.displacement(s0.track_id, tail[20:] + v), _perp(v, a[-1] - a[0]), atol=1e-6)
     # whole again: one line continues the track, measured from the nearest piece
     (s2,) = tr.update(2, 2.0, [a + 2 * v])
     assert s2.track_id == s0.track_id and s2.status == "continued"

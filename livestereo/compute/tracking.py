@@ -175,16 +175,16 @@ class _Curve:
     piece's ends (see :meth:`union`)."""
 
     def __init__(self, points: np.ndarray, spacing: float, z_weight: float, closed: bool = False):
-        self.dense = resample_polyline(np.asarray(points, dtype=np.float64), spacing)
-        if len(self.dense) == 0:
+        dense = resample_polyline(np.asarray(points, dtype=np.float64), spacing)
+        if len(dense) == 0:
             raise ValueError("a curve needs at least one finite point")
-        n = len(self.dense)
+        n = len(dense)
         end = np.zeros(n, bool)
         if not closed and n > 2:
             k = max(1, int(np.ceil(1.0 / spacing)))  # samples within ~1 nm of each end
             end[:k] = True
             end[-k:] = True
-        self._set(self.dense, end, np.ones(max(n - 1, 0), bool), np.array([1.0, 1.0, z_weight]))
+        self._set(dense, end, np.ones(max(n - 1, 0), bool), np.array([1.0, 1.0, z_weight]))
 
     def _set(self, dense: np.ndarray, end: np.ndarray, seg_ok: np.ndarray, scale: np.ndarray) -> None:
         self.dense, self.end, self.seg_ok, self.scale = dense, end, seg_ok, scale
@@ -323,6 +323,12 @@ class Track:
     sigma_z_nm: float | None = None
     """Depth uncertainty of the last curve (median point sigma, nm), None if unknown."""
 
+    def piece_near(self, c: _Curve) -> _Curve:
+        """The piece of the last scan's curve nearest to ``c`` (median distance of its points)."""
+        if len(self.pieces) == 1:
+            return self.pieces[0]
+        return min(self.pieces, key=lambda p: p.median_distance(c.dense))
+
     def to_json_dict(self) -> dict[str, Any]:
         disp = np.sum(self.displacements_nm, axis=0) if self.displacements_nm else np.zeros(3)
         span = (self.times_s[-1] - self.times_s[0]) if len(self.times_s) > 1 else 0.0
@@ -428,12 +434,13 @@ class LineTracker:
         return [matched.get(i) or fragments.get(i) or (None, None) for i in range(len(prepared))]
 
     def displacement(self, track_id: int, curve: np.ndarray) -> np.ndarray | None:
-        """(3,) perpendicular motion of ``curve`` from the track's last curve (nm), or None."""
+        """(3,) perpendicular motion of ``curve`` from the nearest piece of the track's last
+        curve (nm), or None."""
         t = self.tracks.get(track_id)
         if t is None or t.curve is None:
             return None
         new = self._prepare([curve], None)[0]
-        return None if new is None else curve_displacement(t.curve, new)
+        return None if new is None else curve_displacement(t.piece_near(new), new)
 
     # ------------------------------------------------------------------ update
     @staticmethod
@@ -441,7 +448,7 @@ class LineTracker:
               sigma: float | None) -> TrackStep:
         """Line ``i`` (curve ``c``) as a step of track ``t``, measured from its previous curve."""
         dt = float(time_s - t.times_s[-1])
-        old = t.pieces[0] if len(t.pieces) == 1 else min(t.pieces, key=lambda p: p.median_distance(c.dense))
+        old = t.piece_near(c)
         disp = curve_displacement(old, c)
         vel = disp / dt if dt > 0 else None
         speed = float(np.linalg.norm(disp) / dt) if dt > 0 else None
