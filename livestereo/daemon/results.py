@@ -81,7 +81,8 @@ def write_scan(result: ScanImages, path: Path) -> Path:
         lambda: ScanTemplate.build(lambda f, v, i, m: _fill_scan(f, result, v, i, m), values, images, valid))
     if template is not None:
         with open(tmp, "wb") as fh:
-            fh.write(template.render(values, images, valid))
+            for part in template.render(values, images, valid):
+                fh.write(part)
     else:
         with h5py.File(tmp, "w", libver="earliest") as f:
             _fill_scan(f, result, values, images, valid)

@@ -9,17 +9,18 @@ fast scans (measured: the end-to-end ingest benchmark rose from 0.94-0.95x to 1.
 bare receive loop with scan writing switched off).
 
 So once per run the file is built in memory (HDF5's core driver, ~6 ms) and its bytes
-kept.  The images and the valid mask lie where HDF5 says (contiguous datasets); the
-per-scan attribute values are built with random stand-in bytes and found by searching for
-them (a one-byte value, the ``complete`` flag, by building once more with it flipped and
-comparing the bytes).  A scan file is
-then a copy of the template with those bytes replaced, written with one ``write`` (which
-releases the GIL).  The file is plain HDF5 as before: the template is written in the
-earliest file format (superblock 0, version 1 object headers), which carries no metadata
-checksums, and the datasets patched are contiguous.  Before a template is used, one scan
-written from it is read back with h5py and compared value by value; a template that fails
-(another HDF5 version laying files out differently, a value of a variable size) is not
-used, and the scan files of that run are written through h5py (``fill``) instead.
+kept, all but the raw data of the images and the valid mask, which lie where HDF5 says
+(contiguous datasets).  The per-scan attribute values are built with random stand-in bytes
+and found by searching for them (a one-byte value, the ``complete`` flag, by building once
+more with it flipped and comparing the bytes).  A scan file is then the template's bytes
+with those values replaced and the scan's arrays in between, written straight from the
+arrays (the writes release the GIL).  The file is plain HDF5 as before: the template is
+written in the earliest file format (superblock 0, version 1 object headers), which
+carries no metadata checksums, and the datasets patched are contiguous.  Before a template
+is used, one scan written from it is read back with h5py and compared value by value; a
+template that fails (another HDF5 version laying files out differently, a value of a
+variable size) is not used, and the scan files of that run are written through h5py
+(``fill``) instead.
 """
 
 from __future__ import annotations
@@ -73,15 +74,20 @@ def _image(fill: Filler, values: Values, images: np.ndarray, valid: np.ndarray) 
 
 @dataclass(frozen=True)
 class ScanTemplate:
-    """The bytes of a run's scan file and where its per-scan values lie in them."""
+    """A run's scan file as its fixed bytes around the two data regions, and where its
+    per-scan attribute values lie in those bytes (the data regions themselves are not kept:
+    a big scan's images are not held twice)."""
 
-    data: bytes
-    images_at: tuple[int, np.dtype, tuple[int, ...]]
-    """(byte offset, dtype, shape) of /images' raw data."""
-    valid_at: tuple[int, tuple[int, ...]]
-    """(byte offset, shape) of /valid's raw data (one byte per position)."""
-    attrs_at: dict[str, tuple[int, np.dtype]]
-    """Per-scan root attribute -> (byte offset, dtype) of its value."""
+    static: tuple[bytes, bytes, bytes]
+    """The file's bytes before, between and after the two data regions."""
+    regions: tuple[str, str]
+    """Which data region comes first in the file: ("images", "valid") or ("valid", "images")."""
+    images_spec: tuple[np.dtype, tuple[int, ...]]
+    """dtype and shape of /images' raw data."""
+    valid_shape: tuple[int, ...]
+    """Shape of /valid's raw data (one byte per position)."""
+    attrs_at: dict[str, tuple[int, int, np.dtype]]
+    """Per-scan root attribute -> (index into ``static``, byte offset there, dtype) of its value."""
 
     @classmethod
     def build(cls, fill: Filler, values: Values, images: np.ndarray, valid: np.ndarray) -> ScanTemplate:
@@ -103,6 +109,11 @@ class ScanTemplate:
         if data[off_img:off_img + pattern_images.nbytes] != pattern_images.tobytes() \
                 or data[off_valid:off_valid + pattern_valid.nbytes] != pattern_valid.tobytes():
             raise ValueError("the datasets' raw data is not where HDF5 says")
+        spans = sorted([(off_img, off_img + pattern_images.nbytes, "images"),
+                        (off_valid, off_valid + pattern_valid.nbytes, "valid")])
+        if spans[0][1] > spans[1][0]:
+            raise ValueError("the datasets' raw data overlap")
+        cuts = [(0, spans[0][0]), (spans[0][1], spans[1][0]), (spans[1][1], len(data))]
         attrs_at = {}
         for name, a in base.items():
             if a.dtype.itemsize > 1:
@@ -116,33 +127,39 @@ class ScanTemplate:
                 if diff.size != 1:
                     raise ValueError(f"attribute {name!r} is not stored as one fixed-size value")
                 at = int(diff[0])
-            attrs_at[name] = (at, a.dtype)
-        t = cls(data, (off_img, images.dtype, images.shape), (off_valid, valid.shape), attrs_at)
+            piece = next((k for k, (lo, hi) in enumerate(cuts) if lo <= at and at + a.dtype.itemsize <= hi), None)
+            if piece is None:
+                raise ValueError(f"attribute {name!r} lies inside a dataset's raw data")
+            attrs_at[name] = (piece, at - cuts[piece][0], a.dtype)
+        t = cls(tuple(data[lo:hi] for lo, hi in cuts), (spans[0][2], spans[1][2]), (images.dtype, images.shape),
+                tuple(valid.shape), attrs_at)
         t._check(values, images, valid)
         return t
 
-    def render(self, values: Values, images: np.ndarray, valid: np.ndarray) -> bytearray:
-        """The file's bytes with these values (same names, dtypes and shapes as built)."""
-        buf = bytearray(self.data)
-        off, dtype, shape = self.images_at
-        if images.shape != shape or valid.shape != self.valid_at[1] or values.keys() != self.attrs_at.keys():
+    def render(self, values: Values, images: np.ndarray, valid: np.ndarray) -> list:
+        """The file's bytes with these values (same names, dtypes and shapes as built), as
+        buffers to write one after the other; the data regions are views, not copies, where
+        the arrays already have the file's dtype and layout."""
+        dtype, shape = self.images_spec
+        if images.shape != shape or valid.shape != self.valid_shape or values.keys() != self.attrs_at.keys():
             raise ValueError("the scan does not fit this template")
-        img = np.ascontiguousarray(images, dtype=dtype)
-        buf[off:off + img.nbytes] = memoryview(img).cast("B")
-        v = np.ascontiguousarray(valid, dtype=np.bool_)
-        buf[self.valid_at[0]:self.valid_at[0] + v.nbytes] = memoryview(v).cast("B")
-        for name, (at, dt) in self.attrs_at.items():
+        static = list(self.static)
+        for name, (piece, at, dt) in self.attrs_at.items():
+            if isinstance(static[piece], bytes):
+                static[piece] = bytearray(static[piece])  # only the pieces with values are copied
             b = np.asarray(values[name], dtype=dt).tobytes()
-            buf[at:at + len(b)] = b
-        return buf
+            static[piece][at:at + len(b)] = b
+        data = {"images": memoryview(np.ascontiguousarray(images, dtype=dtype)).cast("B"),
+                "valid": memoryview(np.ascontiguousarray(valid, dtype=np.bool_)).cast("B")}
+        return [static[0], data[self.regions[0]], static[1], data[self.regions[1]], static[2]]
 
     def _check(self, values: Values, images: np.ndarray, valid: np.ndarray) -> None:
         """Render a scan with other values, read it back with h5py, compare everything."""
         rng = np.random.default_rng(1)
         probe_values = {k: _flipped(_scalar(v)) for k, v in values.items()}
-        probe_images = rng.normal(size=images.shape).astype(self.images_at[1])
+        probe_images = rng.normal(size=images.shape).astype(self.images_spec[0])
         probe_valid = rng.random(valid.shape) > 0.5
-        with h5py.File(io.BytesIO(bytes(self.render(probe_values, probe_images, probe_valid))), "r") as f:
+        with h5py.File(io.BytesIO(b"".join(self.render(probe_values, probe_images, probe_valid))), "r") as f:
             ok = (np.array_equal(f["images"][()], probe_images) and f["images"].dtype == probe_images.dtype
                   and np.array_equal(f["valid"][()], probe_valid) and f["valid"].dtype == np.bool_)
             for name, v in probe_values.items():
