@@ -126,6 +126,9 @@ def test_a_template_refuses_what_it_cannot_patch():
     with pytest.raises(TypeError, match="fixed-size number"):
         ScanTemplate.build(fill, values, scan.images, scan.valid)
     t = ScanTemplate.build(fill, results._scan_values(scan), scan.images, scan.valid)
+    # the template keeps the file's fixed bytes only, not a copy of the data regions
+    size = len(b"".join(t.render(results._scan_values(scan), scan.images, scan.valid)))
+    assert sum(map(len, t.static)) == size - scan.images.nbytes - scan.valid.nbytes
     with pytest.raises(ValueError, match="does not fit"):
         t.render(results._scan_values(scan), scan.images[:, :2], scan.valid)
     with pytest.raises(ValueError, match="does not fit"):
