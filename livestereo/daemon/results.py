@@ -73,7 +73,7 @@ def write_scan(result: ScanImages, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".h5.part")
     values = _scan_values(result)
-    images, valid = np.asarray(result.images), np.asarray(result.valid)
+    images, valid = np.asarray(result.images), np.asarray(result.valid, dtype=bool)  # /valid is documented bool
     key = (result.run_id, json.dumps(result.start_metadata, default=str), images.shape, images.dtype.str,
            valid.shape, valid.dtype.str, tuple((k, np.asarray(v).dtype.str) for k, v in values.items()))
     template = _SCAN_TEMPLATES.get(
