@@ -75,7 +75,7 @@ def write_scan(result: ScanImages, path: Path) -> Path:
     values = _scan_values(result)
     images, valid = np.asarray(result.images), np.asarray(result.valid, dtype=bool)  # /valid is documented bool
     key = (result.run_id, json.dumps(result.start_metadata, default=str), images.shape, images.dtype.str,
-           valid.shape, valid.dtype.str, tuple((k, np.asarray(v).dtype.str) for k, v in values.items()))
+           valid.shape, tuple((k, np.asarray(v).dtype.str) for k, v in values.items()))
     template = _SCAN_TEMPLATES.get(
         (result.layout, result.calibration), key,
         lambda: ScanTemplate.build(lambda f, v, i, m: _fill_scan(f, result, v, i, m), values, images, valid))
